@@ -1,0 +1,52 @@
+"""The Algorithm interface: the only thing that differs between runs of the sandbox.
+
+The backbone collects ``Rollouts`` (samples, log-probs, reference log-probs, values,
+rewards), the algorithm turns them into targets (``prepare``, no gradient) and a loss
+(``loss``); the trainer owns epochs, minibatches, optimiser steps, logging and evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from backbone.batch import Batch, Rollouts
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: Tensor  # [B, T] log pi_theta of each response token
+    entropy: Tensor  # [B, T] entropy of pi_theta at each response position
+    values: Tensor | None = None  # [B, T] critic values, when asked for
+
+
+class Policy(Protocol):
+    """What an algorithm may ask of the trainable models (the backbone's policy stack)."""
+
+    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput: ...
+
+
+class Algorithm(ABC):
+    #: responses sampled per prompt: 1 for multi-step PPO, n for group baselines and ranking
+    samples_per_prompt: int = 1
+    #: whether the backbone must build a critic and collect its values
+    needs_critic: bool = False
+    #: offline algorithms get one rollout of the whole prompt set from the initial policy
+    offline: bool = False
+
+    def __init__(self, name: str, lr: float, ppo_epochs: int, minibatch_size: int):
+        self.name = name
+        self.lr = lr
+        self.ppo_epochs = ppo_epochs
+        self.minibatch_size = minibatch_size
+
+    @abstractmethod
+    def prepare(self, rollouts: Rollouts) -> Batch:
+        """Targets (advantages, returns, ranks) from a rollout batch; called under no_grad."""
+
+    @abstractmethod
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss of one minibatch and its statistics, logged under ``train/``."""

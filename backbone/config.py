@@ -1,0 +1,313 @@
+"""Structured configs: the schema every Hydra config group is validated against.
+
+Each group's YAML (conf/<group>/<option>.yaml) extends one of the schemas stored here,
+so a wrong type or an unknown key fails at composition time with a message naming it.
+Nodes with a ``_target_`` are built with ``hydra.utils.instantiate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------- task
+
+
+@dataclass
+class ToyReviewsConfig:
+    """The built-in synthetic task: a seeded review grammar with a known gold reward."""
+
+    _target_: str = "backbone.tasks.toy_reviews.ToyReviews"
+    name: str = "toy_reviews"
+    seed: int = 0
+    # SFT demonstrations (prompt, natural review) for train and held-out eval
+    n_sft_train: int = 6000
+    n_sft_eval: int = 400
+    # preference pairs labelled from the gold reward by a Bradley-Terry draw
+    n_pref_train: int = 6000
+    n_pref_eval: int = 600
+    # P(a preferred to b) = sigmoid((gold_a - gold_b) / bt_temperature); lower = cleaner labels
+    bt_temperature: float = 0.5
+    # prompts for the RL stage and held-out prompts for evaluation
+    n_rl_prompts: int = 2000
+    n_eval_prompts: int = 64
+
+
+@dataclass
+class PreferenceDatasetConfig:
+    """A preference dataset with prompt / chosen / rejected columns, read by ``datasets.load_dataset``."""
+
+    _target_: str = "backbone.tasks.preference.PreferenceDatasetTask"
+    name: str = "preferences"
+    # first argument of datasets.load_dataset: a hub id, a local folder, or a builder ("json", "csv", "parquet")
+    path: str = MISSING
+    data_files: Any = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    # RL prompts come from the train split's prompts, eval prompts from the eval split's
+    n_eval_prompts: int = 64
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model comes from: built locally (tiny) or loaded with ``from_pretrained``."""
+
+    name: str = "tiny"
+    # None: build a word-level tokenizer and a GPT-2-shaped model locally from the task's corpus
+    name_or_path: str | None = None
+    # architecture of a locally built model (ignored when name_or_path is set)
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 64
+    dropout: float = 0.0
+    # longest prompt + response the stages feed the model
+    max_length: int = 64
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on prompt + response, loss on response tokens only."""
+
+    seed: int = 0
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 100
+
+
+@dataclass
+class RewardModelConfig:
+    """Pairwise reward-model training: -log sigmoid(r_chosen - r_rejected)."""
+
+    seed: int = 0
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    # start from the SFT model (as DeepSpeed-Chat and trlx do) or from the base model
+    init: str = "sft"
+
+
+# --------------------------------------------------------------------------- RL backbone knobs
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_iteration: int = 32
+    max_new_tokens: int = 24
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # evaluation on held-out prompts: every N iterations (and at iteration 0 and the last)
+    eval_every: int = 5
+    # sampled responses per held-out prompt in evaluation (greedy is always one)
+    eval_samples: int = 1
+
+
+@dataclass
+class RewardConfig:
+    # where the reward model reads its score: last non-pad token (trlx, DeepSpeed-Chat) or mean over response
+    pooling: str = "last"
+    # none | rm_stats (reward model's chosen-score mean/std) | running (running mean/std of RL scores)
+    normalize: str = "rm_stats"
+    # clip the normalised score to [-clip, clip]; null disables
+    clip: float | None = 5.0
+    # subtracted from the score of a response that ends without EOS; null disables
+    missing_eos_penalty: float | None = None
+
+
+@dataclass
+class KLConfig:
+    # per-token estimator used in the reward shaping: k1 | k2 | k3
+    estimator: str = "k1"
+    # initial (or fixed) coefficient beta
+    coef: float = 0.05
+    # adaptive controller (Ziegler et al.): set a target KL to enable it
+    target: float | None = None
+    horizon: int = 10000
+
+
+@dataclass
+class OptimConfig:
+    """AdamW shared by every algorithm; the learning rate itself is an algorithm hyperparameter."""
+
+    # learning rate of the critic; null = the algorithm's lr
+    critic_lr: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # constant | cosine | linear, after warmup_steps of linear warm-up
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass
+class CriticConfig:
+    # initialise the critic from the reward model (the seed's finding) or from the SFT model
+    init: str = "reward"
+
+
+@dataclass
+class PeftConfig:
+    mode: str = "none"
+
+
+@dataclass
+class EngineConfig:
+    name: str = "torch"
+    # cpu | cuda | auto
+    device: str = "auto"
+
+
+@dataclass
+class LoggerConfig:
+    # offline | online | disabled
+    mode: str = "offline"
+    project: str = "alignment-sandbox"
+    entity: str | None = None
+    # null: the sweep's name (multirun) or the run's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # log a table of prompt / response / reward / gold every N iterations (0 disables)
+    table_every: int = 5
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+@dataclass
+class AlgorithmConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    lr: float = 1e-4
+    # passes over each rollout batch and responses per gradient step
+    ppo_epochs: int = 4
+    minibatch_size: int = 16
+
+
+@dataclass
+class PPOGAEConfig(AlgorithmConfig):
+    """Multi-step PPO with a per-token KL penalty, a critic and GAE (trlx)."""
+
+    _target_: str = "algorithms.ppo_gae.PPOGAE"
+    name: str = "ppo_gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.5
+    whiten_advantages: bool = True
+
+
+@dataclass
+class PPOSampledConfig(AlgorithmConfig):
+    """Single-step PPO: n samples per prompt, advantage = sequence reward - baseline."""
+
+    _target_: str = "algorithms.ppo_sampled.PPOSampled"
+    name: str = "ppo_sampled"
+    samples_per_prompt: int = 4
+    # sampled_mean | leave_one_out | critic
+    baseline: str = "sampled_mean"
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.5
+    whiten_advantages: bool = False
+
+
+@dataclass
+class RRHFConfig(AlgorithmConfig):
+    """RRHF: rank k sampled responses by reward; hinge ranking loss + SFT on the best."""
+
+    _target_: str = "algorithms.rrhf.RRHF"
+    name: str = "rrhf"
+    samples_per_prompt: int = 4
+    ppo_epochs: int = 1
+    rank_weight: float = 1.0
+    sft_weight: float = 1.0
+    length_penalty: float = 1.0
+    # online: generate a small batch, train on it, repeat; offline: generate for all prompts first
+    mode: str = "online"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class PathsConfig:
+    # SFT and reward-model artifacts, keyed by the hash of the config that made them
+    artifacts: str = "artifacts"
+
+
+@dataclass
+class RunConfig:
+    task: Any = MISSING
+    model: ModelConfig = MISSING
+    algorithm: Any = MISSING
+    rollout: RolloutConfig = MISSING
+    reward: RewardConfig = MISSING
+    kl: KLConfig = MISSING
+    optim: OptimConfig = MISSING
+    critic: CriticConfig = MISSING
+    peft: PeftConfig = MISSING
+    engine: EngineConfig = MISSING
+    logger: LoggerConfig = MISSING
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    # RL iterations (collect -> prepare -> update); 0 stops after the reward model
+    iterations: int = 30
+    # a run folder to continue from its last checkpoint
+    resume: str | None = None
+    # checkpoint every N iterations (and at the end)
+    checkpoint_every: int = 10
+
+
+def register_configs() -> None:
+    """Store the schemas; each conf/<group>/<option>.yaml names its schema in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    groups = {
+        "task": {"toy_reviews_schema": ToyReviewsConfig, "preference_dataset_schema": PreferenceDatasetConfig},
+        "model": {"model_schema": ModelConfig},
+        "algorithm": {
+            "ppo_gae_schema": PPOGAEConfig,
+            "ppo_sampled_schema": PPOSampledConfig,
+            "rrhf_schema": RRHFConfig,
+        },
+        "rollout": {"rollout_schema": RolloutConfig},
+        "reward": {"reward_schema": RewardConfig},
+        "kl": {"kl_schema": KLConfig},
+        "optim": {"optim_schema": OptimConfig},
+        "critic": {"critic_schema": CriticConfig},
+        "peft": {"peft_schema": PeftConfig},
+        "engine": {"engine_schema": EngineConfig},
+        "logger": {"logger_schema": LoggerConfig},
+    }
+    for group, schemas in groups.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=name, node=node)
