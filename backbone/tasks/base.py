@@ -1,0 +1,53 @@
+"""The ``Task`` interface: where a run's text comes from, and how (if at all) it is truly judged.
+
+A task supplies every stage of the pipeline: demonstrations for SFT, preference pairs for the
+reward model, a stream of prompts for RL, held-out prompts for evaluation, the texts a local
+tokenizer is trained on, and, when it knows one, a gold reward the proxy reward model can be
+checked against.
+
+Text conventions: a model sees the prompt's tokens, then the response's tokens, then EOS;
+prompt and response are tokenised separately. Responses produced by a policy come back
+decoded as space-joined words with special tokens stripped.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+SPLITS = ("train", "eval")
+
+
+def check_split(split: str) -> None:
+    """Fail early on a split name the interface does not know."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+class Task(ABC):
+    name: str
+    # True when gold_reward returns numbers
+    has_gold: bool
+
+    @abstractmethod
+    def sft_examples(self, split: str) -> list[dict]:
+        """Demonstrations ``{"prompt", "response"}`` of ``split`` ("train" or "eval")."""
+
+    @abstractmethod
+    def preference_pairs(self, split: str) -> list[dict]:
+        """Pairs ``{"prompt", "chosen", "rejected"}`` of ``split`` ("train" or "eval")."""
+
+    @abstractmethod
+    def rl_prompts(self) -> list[str]:
+        """Prompts for the RL stage (they may repeat: a stream)."""
+
+    @abstractmethod
+    def eval_prompts(self) -> list[str]:
+        """Held-out prompts for evaluation; none of them is in ``rl_prompts()``."""
+
+    @abstractmethod
+    def gold_reward(self, prompts: list[str], responses: list[str]) -> list[float] | None:
+        """The true score of each (prompt, response), or None when the task has no gold."""
+
+    @abstractmethod
+    def corpus(self) -> list[str]:
+        """Texts (prompts and responses) to train a tokenizer on."""

@@ -1,0 +1,221 @@
+"""The toy review task: its gold reward behaves like a sentiment judge with a taste for natural text,
+and its data is seeded, sized as asked, held out where promised and labelled by a Bradley-Terry draw."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backbone.tasks.base import Task
+from backbone.tasks.toy_reviews import MAX_WORDS, ToyReviews, gold_parts, gold_score, words_of
+
+PROMPT = "review of the blender :"
+
+SIZES = dict(
+    n_sft_train=300, n_sft_eval=50, n_pref_train=400, n_pref_eval=60, n_rl_prompts=200, n_eval_prompts=40
+)
+
+
+def gold(response: str) -> float:
+    return gold_score(PROMPT, response)
+
+
+@pytest.fixture(scope="module")
+def task() -> ToyReviews:
+    return ToyReviews(seed=0, **SIZES)
+
+
+# ------------------------------------------------------------------ gold reward
+
+
+def test_sentiment_orders_positive_neutral_negative():
+    assert gold("the blender is extremely excellent .") > gold("the blender is good .") > 0.5
+    assert gold("the blender is good .") > gold("the blender is average .") > gold("the blender is bad .")
+    assert abs(gold("the blender is average .")) < 0.1
+    assert gold("the blender is bad .") > gold("the blender is terrible .")
+    assert gold("i love the blender .") > gold("i use it .") > gold("i hate the blender .")
+
+
+def test_negation_flips_and_dampens():
+    assert gold("the blender is good .") > gold("the blender is not good .") > gold("the blender is bad .")
+    assert gold("the blender is not bad .") > gold("the blender is bad .")
+    assert gold("i like it .") > 0 > gold("i do not like it .")
+    assert gold("i would never recommend it .") < 0
+
+
+def test_intensifier_scales():
+    very, plain, slightly = (gold(f"the blender is {m}good .") for m in ("very ", "", "slightly "))
+    assert very > plain > slightly > 0
+    assert (
+        gold("the blender is very bad .")
+        < gold("the blender is bad .")
+        < gold("the blender is slightly bad .")
+    )
+    assert gold("i really love it .") > gold("i love it .")
+
+
+def test_but_weights_the_second_clause_more():
+    assert (
+        gold("the price is bad but the blender is great .")
+        > 0
+        > gold("the blender is great but the price is bad .")
+    )
+
+
+def test_repetition_scores_below_a_plain_positive_review():
+    plain = gold("the blender is great .")
+    for hack in (
+        "great great great great great great",
+        "the blender is great great great great .",
+        "the blender is great and the price is great .",
+        "i love it . i love it . i love it .",
+        "the blender is very very very good .",
+    ):
+        assert gold(hack) < plain, hack
+        assert gold_parts(PROMPT, hack).repetition > 0, hack
+
+
+def test_leaving_the_grammar_is_penalised():
+    good = gold("the blender is great .")
+    for broken in (
+        "the blender is great",  # no final "."
+        "the blender is very .",  # an intensifier with nothing to modify
+        "great the is blender .",
+        "the blender is great zzz .",  # a word outside the vocabulary
+        "review of the blender : great .",  # prompt words are not response words
+        "the toaster is great .",  # another product than the prompt's
+        "excellent amazing fantastic perfect great .",  # stacked sentiment words do not parse
+        ". . the blender is great .",
+    ):
+        assert gold(broken) < good, broken
+        assert gold_parts(PROMPT, broken).grammar > 0, broken
+    assert gold("excellent amazing fantastic perfect great .") < gold("the blender is average .")
+
+
+def test_run_on_text_scores_below_natural():
+    natural = gold("the blender is excellent and it is amazing .")
+    run_on = (
+        "the blender is excellent and it is amazing . "
+        "the price is perfect and i love it . the design is great"
+    )
+    assert len(words_of(run_on)) > MAX_WORDS
+    assert gold(run_on) < 0 < natural
+    assert gold_parts(PROMPT, run_on).length > 0
+
+
+@pytest.mark.parametrize(
+    "response", ["", "   ", ".", "and but", "the", "[UNK] [PAD] !!", "x" * 500, "not " * 40]
+)
+def test_any_string_scores_low_and_never_raises(response):
+    assert -6.0 <= gold(response) < 0
+
+
+def test_gold_reward_batch_and_bounds(task):
+    pairs = task.preference_pairs("train")
+    scores = task.gold_reward([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    assert len(scores) == len(pairs)
+    assert all(-3.0 < s < 3.0 for s in scores)
+    with pytest.raises(ValueError):
+        task.gold_reward(["a"], [])
+
+
+def test_natural_reviews_carry_no_penalty(task):
+    for ex in task.sft_examples("train"):
+        parts = gold_parts(ex["prompt"], ex["response"])
+        assert (parts.repetition, parts.length, parts.grammar) == (0, 0, 0), ex
+        assert 4 <= len(words_of(ex["response"])) <= MAX_WORDS
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_interface_and_sizes(task):
+    assert isinstance(task, Task) and task.has_gold and task.name == "toy_reviews"
+    assert len(task.sft_examples("train")) == SIZES["n_sft_train"]
+    assert len(task.sft_examples("eval")) == SIZES["n_sft_eval"]
+    assert len(task.preference_pairs("train")) == SIZES["n_pref_train"]
+    assert len(task.preference_pairs("eval")) == SIZES["n_pref_eval"]
+    assert len(task.rl_prompts()) == SIZES["n_rl_prompts"]
+    assert len(task.eval_prompts()) == len(set(task.eval_prompts())) == SIZES["n_eval_prompts"]
+    assert set(task.sft_examples("train")[0]) == {"prompt", "response"}
+    assert set(task.preference_pairs("train")[0]) == {"prompt", "chosen", "rejected"}
+    with pytest.raises(ValueError, match="split"):
+        task.sft_examples("test")
+
+
+def test_sft_data_is_mixed(task):
+    scores = [gold_score(ex["prompt"], ex["response"]) for ex in task.sft_examples("train")]
+    assert sum(s > 1 for s in scores) > 0.15 * len(scores)
+    assert sum(s < -1 for s in scores) > 0.15 * len(scores)
+    assert sum(abs(s) < 0.5 for s in scores) > 0.1 * len(scores)
+    assert max(scores) < 2.9  # headroom for RL
+
+
+def test_eval_prompts_are_held_out(task):
+    held_out = set(task.eval_prompts())
+    assert not held_out & set(task.rl_prompts())
+    assert not held_out & {ex["prompt"] for split in ("train", "eval") for ex in task.sft_examples(split)}
+    assert not held_out & {p["prompt"] for split in ("train", "eval") for p in task.preference_pairs(split)}
+    # every word of the held-out prompts is still seen in training
+    seen = {w for prompt in task.rl_prompts() for w in prompt.split()}
+    assert {w for prompt in held_out for w in prompt.split()} <= seen
+
+
+def test_same_seed_same_data_other_seed_other_data(task):
+    again = ToyReviews(seed=0, **SIZES)
+    # a different call order must not change the data
+    assert again.rl_prompts() == task.rl_prompts()
+    assert again.preference_pairs("eval") == task.preference_pairs("eval")
+    assert again.sft_examples("train") == task.sft_examples("train")
+    assert again.corpus() == task.corpus()
+    other = ToyReviews(seed=1, **SIZES)
+    assert other.sft_examples("train") != task.sft_examples("train")
+    assert other.preference_pairs("train") != task.preference_pairs("train")
+    assert other.eval_prompts() != task.eval_prompts()
+
+
+def test_corpus_covers_prompts_and_responses(task):
+    vocabulary = {w for text in task.corpus() for w in text.split()}
+    texts = [*task.eval_prompts(), *task.rl_prompts()]
+    texts += [t for p in task.preference_pairs("eval") for t in (p["chosen"], p["rejected"])]
+    assert {w for text in texts for w in text.split()} <= vocabulary
+
+
+def test_pairs_differ_and_tiny_temperature_labels_follow_gold():
+    clean = ToyReviews(seed=3, bt_temperature=1e-6, **SIZES)
+    for pair in clean.preference_pairs("train"):
+        assert pair["chosen"] != pair["rejected"]
+        assert gold_score(pair["prompt"], pair["chosen"]) > gold_score(pair["prompt"], pair["rejected"])
+
+
+def test_default_temperature_labels_are_noisy(task):
+    pairs = task.preference_pairs("train")
+    agree = sum(gold_score(p["prompt"], p["chosen"]) > gold_score(p["prompt"], p["rejected"]) for p in pairs)
+    assert 0.7 < agree / len(pairs) < 0.97
+
+
+def test_default_sizes_build_fast():
+    start = time.perf_counter()
+    ToyReviews().corpus()  # generates every split
+    assert time.perf_counter() - start < 5.0
+
+
+def test_invalid_config():
+    with pytest.raises(ValueError, match="n_eval_prompts"):
+        ToyReviews(n_eval_prompts=10_000)
+    with pytest.raises(ValueError, match="bt_temperature"):
+        ToyReviews(bt_temperature=-1.0)
+    with pytest.raises(ValueError, match="n_sft_train"):
+        ToyReviews(n_sft_train=-1)
+
+
+def test_built_from_the_hydra_config():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from backbone.config import ToyReviewsConfig
+
+    task = instantiate(OmegaConf.structured(ToyReviewsConfig(seed=0, **SIZES)))
+    assert isinstance(task, ToyReviews)
+    assert task.sft_examples("eval") == ToyReviews(seed=0, **SIZES).sft_examples("eval")
