@@ -1,0 +1,129 @@
+"""Single-step PPO (ColossalAI-Chat's coati PPO) with the critic replaced by a sampled baseline.
+
+A response is one action: one reward per response, no time steps, no GAE. With n responses sampled
+per prompt, the baseline is computed from the other samples of the same prompt instead of a critic.
+
+    R_i = r_i - beta * sum_t kl_{i,t}        sequence reward: normalised score minus the sequence KL
+    A_i = R_i - b_i                          one advantage per response, shared by all its tokens
+    L   = masked_mean_{i,t} -min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i),  rho = pi / pi_old
+
+The baseline b_i (``baseline``):
+    sampled_mean    mean of R over the n samples of i's prompt, i included
+    leave_one_out   mean of R over the other n - 1 samples (RLOO); = n / (n - 1) * (R_i - mean)
+    critic          V(prompt_i), coati's original: a critic fitted to R with the clipped value loss
+
+kl_{i,t} is the backbone's configured per-token estimator (coati uses k3 averaged over tokens; we sum,
+as RLOO does, so beta prices the KL of the whole response). Group baselines are computed per prompt
+from ``rollouts.group`` and accept groups of different sizes (each is divided by its own count).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from algorithms.base import Algorithm, Policy
+from backbone.batch import Batch, Rollouts
+from backbone.losses import clipped_policy_loss, clipped_value_loss
+from backbone.ops import masked_mean, masked_sum, masked_whiten
+
+BASELINES = ("sampled_mean", "leave_one_out", "critic")
+
+
+def _group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group sums and sizes of ``x`` [B]: (sums [G], counts [G], each row's group 0..G-1 [B])."""
+    _, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    sums = x.new_zeros(len(counts)).index_add_(0, index, x)
+    return sums, counts, index
+
+
+def group_mean_baseline(rewards: Tensor, group: Tensor) -> Tensor:
+    """b_i = (1 / n_g) sum_{j in g(i)} R_j, the mean reward of i's group, i included. [B] -> [B]"""
+    sums, counts, index = _group_sums(rewards, group)
+    return (sums / counts)[index]
+
+
+def leave_one_out_baseline(rewards: Tensor, group: Tensor) -> Tensor:
+    """b_i = (sum_{j in g(i)} R_j - R_i) / (n_g - 1), the mean of the others in i's group. [B] -> [B]"""
+    sums, counts, index = _group_sums(rewards, group)
+    if counts.min() < 2:
+        raise ValueError("leave_one_out_baseline needs at least 2 samples in every group")
+    return (sums[index] - rewards) / (counts[index] - 1)
+
+
+class PPOSampled(Algorithm):
+    def __init__(
+        self,
+        name: str,
+        lr: float,
+        ppo_epochs: int,
+        minibatch_size: int,
+        samples_per_prompt: int = 4,
+        baseline: str = "sampled_mean",
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.5,
+        whiten_advantages: bool = False,
+    ):
+        super().__init__(name, lr, ppo_epochs, minibatch_size)
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        if baseline != "critic" and samples_per_prompt < 2:
+            # n = 1: the sampled mean is the reward itself (A = 0) and leave-one-out has no others
+            raise ValueError(f"baseline={baseline} needs samples_per_prompt >= 2, got {samples_per_prompt}")
+        self.samples_per_prompt = samples_per_prompt
+        self.baseline = baseline
+        self.needs_critic = baseline == "critic"
+        self.cliprange = cliprange
+        self.cliprange_value = cliprange_value
+        self.vf_coef = vf_coef
+        self.whiten_advantages = whiten_advantages
+
+    def prepare(self, rollouts: Rollouts) -> Batch:
+        mask = rollouts.response_mask.to(rollouts.kl.dtype)  # [B, T]
+        # R_i = r_i - beta * sum_t kl_{i,t}, over valid response tokens only
+        seq_rewards = rollouts.rewards - rollouts.kl_coef * masked_sum(rollouts.kl, mask, dim=1)  # [B]
+        if self.baseline == "critic":
+            # V at the first response position: the value of the prompt state, before any response token
+            baselines = rollouts.values[:, 0]  # [B]
+        elif self.baseline == "sampled_mean":
+            baselines = group_mean_baseline(seq_rewards, rollouts.group)  # [B]
+        else:
+            baselines = leave_one_out_baseline(seq_rewards, rollouts.group)  # [B]
+        advantages = seq_rewards - baselines  # [B]
+        if self.whiten_advantages:
+            # over responses (one advantage each), global over data-parallel ranks
+            advantages = masked_whiten(advantages, torch.ones_like(advantages))
+        return Batch(rollouts, {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines})
+
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        rollouts = batch.rollouts
+        out = policy.forward(rollouts, values=self.needs_critic)
+        mask = rollouts.response_mask.to(out.logprobs.dtype)  # [B, T]
+        advantages = batch["advantages"][:, None].expand_as(out.logprobs)  # [B, T]: A_i on every token of i
+        old_logprobs = rollouts.logprobs  # [B, T]
+        loss, pg_stats = clipped_policy_loss(out.logprobs, old_logprobs, advantages, mask, self.cliprange)
+        stats = {
+            **pg_stats,  # policy_loss, clipfrac, approx_kl, ratio_mean
+            "entropy": masked_mean(out.entropy, mask).item(),
+            "advantage_std": batch["advantages"].std(correction=0).item(),
+            "baseline_mean": batch["baselines"].mean().item(),
+            "sequence_reward_mean": batch["seq_rewards"].mean().item(),
+        }
+        if self.needs_critic:
+            # Fitted at the first response position only: V(prompt) is the one value the baseline reads,
+            # and R is an unbiased sample of it. Later positions see part of the response (and R still
+            # charges the KL of tokens already emitted), so R is not their return; fitting them would
+            # weight the loss by response length and spend the critic on values nobody uses.
+            value_loss, vf_stats = clipped_value_loss(
+                out.values[:, :1],
+                rollouts.values[:, :1],
+                batch["seq_rewards"][:, None],
+                mask[:, :1],
+                self.cliprange_value,
+            )
+            loss = loss + self.vf_coef * value_loss
+            stats.update(vf_stats)  # value_loss, value_clipfrac, value_mean, explained_variance
+        return loss, stats

@@ -1,0 +1,283 @@
+"""Single-step PPO with sampled baselines, checked against direct loop computations on hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+import torch
+
+from algorithms.base import PolicyOutput
+from algorithms.ppo_sampled import PPOSampled, group_mean_baseline, leave_one_out_baseline
+from backbone.batch import Rollouts
+from backbone.config import PPOSampledConfig
+
+# three prompts of three samples each, interleaved rather than contiguous
+GROUP = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2])
+LENGTHS = [3, 5, 1, 4, 5, 2, 5, 3, 4]
+T = 5
+
+
+def make_rollouts(
+    group: torch.Tensor = GROUP, lengths: list[int] = LENGTHS, kl_coef: float = 0.1, values: bool = False
+) -> Rollouts:
+    g = torch.Generator().manual_seed(0)
+    b = len(group)
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])  # [B, T]
+    kl = torch.rand(b, T, generator=g)  # garbage on pads too: only valid tokens may count
+    return Rollouts(
+        prompt_ids=torch.zeros(b, 2, dtype=torch.long),
+        prompt_mask=torch.ones(b, 2, dtype=torch.long),
+        response_ids=torch.ones(b, T, dtype=torch.long),
+        response_mask=mask,
+        group=group,
+        logprobs=-torch.rand(b, T, generator=g) - 0.5,
+        ref_logprobs=-torch.rand(b, T, generator=g) - 0.5,
+        kl=kl,
+        scores=torch.randn(b, generator=g),
+        rewards=torch.randn(b, generator=g),
+        kl_coef=kl_coef,
+        values=torch.randn(b, T, generator=g) if values else None,
+    )
+
+
+def make_algo(**kwargs) -> PPOSampled:
+    return PPOSampled(name="ppo_sampled", lr=1e-4, ppo_epochs=1, minibatch_size=8, **kwargs)
+
+
+class FakePolicy:
+    """Returns fixed leaf tensors, so gradients of the loss can be read off them."""
+
+    def __init__(self, logprobs: torch.Tensor, values: torch.Tensor | None = None):
+        self.logprobs = logprobs.clone().requires_grad_(True)
+        self.entropy = torch.rand_like(logprobs)
+        self.values = None if values is None else values.clone().requires_grad_(True)
+        self.asked_values: list[bool] = []
+
+    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
+        self.asked_values.append(values)
+        return PolicyOutput(self.logprobs, self.entropy, self.values if values else None)
+
+
+# --------------------------------------------------------------------------- references (loops)
+
+
+def ref_seq_rewards(r: Rollouts) -> list[float]:
+    out = []
+    for i in range(len(r)):
+        kl = sum(r.kl[i, t].item() for t in range(T) if r.response_mask[i, t])
+        out.append(r.rewards[i].item() - r.kl_coef * kl)
+    return out
+
+
+def ref_group_mean(rewards: list[float], group: list[int]) -> list[float]:
+    out = []
+    for i in range(len(rewards)):
+        members = [rewards[j] for j in range(len(rewards)) if group[j] == group[i]]
+        out.append(sum(members) / len(members))
+    return out
+
+
+def ref_leave_one_out(rewards: list[float], group: list[int]) -> list[float]:
+    out = []
+    for i in range(len(rewards)):
+        others = [rewards[j] for j in range(len(rewards)) if group[j] == group[i] and j != i]
+        out.append(sum(others) / len(others))
+    return out
+
+
+def ref_policy_loss(lp, olp, adv: list[float], mask, eps: float) -> tuple[float, float]:
+    """Masked mean over all valid tokens of max(-A rho, -A clip(rho)); and the clipped fraction."""
+    total, clipped, n = 0.0, 0, 0
+    for i in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if not mask[i, t]:
+                continue
+            rho = math.exp(lp[i, t].item() - olp[i, t].item())
+            unclipped, clip = -adv[i] * rho, -adv[i] * min(max(rho, 1 - eps), 1 + eps)
+            total += max(unclipped, clip)
+            clipped += clip > unclipped
+            n += 1
+    return total / n, clipped / n
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_group_mean_baseline_matches_loop_on_interleaved_groups():
+    rewards = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.7, -0.4, 0.9, 3.0, -2.2])
+    expected = ref_group_mean(rewards.tolist(), GROUP.tolist())
+    torch.testing.assert_close(group_mean_baseline(rewards, GROUP), torch.tensor(expected))
+
+
+def test_leave_one_out_baseline_matches_loop_and_rloo_identity():
+    rewards = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.7, -0.4, 0.9, 3.0, -2.2])
+    expected = ref_leave_one_out(rewards.tolist(), GROUP.tolist())
+    loo = leave_one_out_baseline(rewards, GROUP)
+    torch.testing.assert_close(loo, torch.tensor(expected))
+    # R - b_loo = n / (n - 1) * (R - mean), n = 3
+    torch.testing.assert_close(rewards - loo, 1.5 * (rewards - group_mean_baseline(rewards, GROUP)))
+
+
+def test_group_baselines_handle_unequal_group_sizes():
+    group = torch.tensor([5, 1, 5, 1, 1, 7, 7, 5, 1])  # sizes 3, 4, 2
+    rewards = torch.arange(9, dtype=torch.float32) ** 1.5
+    torch.testing.assert_close(
+        group_mean_baseline(rewards, group), torch.tensor(ref_group_mean(rewards.tolist(), group.tolist()))
+    )
+    torch.testing.assert_close(
+        leave_one_out_baseline(rewards, group),
+        torch.tensor(ref_leave_one_out(rewards.tolist(), group.tolist())),
+    )
+
+
+def test_leave_one_out_rejects_a_singleton_group():
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_out_baseline(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
+
+
+@pytest.mark.parametrize("baseline", ["sampled_mean", "leave_one_out"])
+def test_one_sample_per_prompt_is_a_clear_error(baseline: str):
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        make_algo(samples_per_prompt=1, baseline=baseline)
+
+
+def test_constructor_takes_exactly_the_config_fields():
+    algo = PPOSampled(**{f.name: f.default for f in fields(PPOSampledConfig) if f.name != "_target_"})
+    assert algo.samples_per_prompt == PPOSampledConfig.samples_per_prompt == 4
+    assert algo.baseline == "sampled_mean" and not algo.needs_critic and not algo.offline
+    assert algo.whiten_advantages is PPOSampledConfig.whiten_advantages
+
+
+def test_constructor_validates_and_sets_critic_flag():
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        make_algo(baseline="median")
+    assert make_algo(samples_per_prompt=1, baseline="critic").needs_critic
+    assert not make_algo(baseline="sampled_mean").needs_critic
+    assert not make_algo(baseline="leave_one_out").needs_critic
+    assert make_algo(samples_per_prompt=6).samples_per_prompt == 6
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def test_sequence_reward_counts_kl_on_valid_tokens_only():
+    rollouts = make_rollouts(kl_coef=0.3)
+    batch = make_algo().prepare(rollouts)
+    torch.testing.assert_close(batch["seq_rewards"], torch.tensor(ref_seq_rewards(rollouts)))
+
+
+@pytest.mark.parametrize(
+    ("baseline", "reference"), [("sampled_mean", ref_group_mean), ("leave_one_out", ref_leave_one_out)]
+)
+def test_advantage_is_sequence_reward_minus_group_baseline(baseline, reference):
+    rollouts = make_rollouts()
+    batch = make_algo(baseline=baseline).prepare(rollouts)
+    seq = ref_seq_rewards(rollouts)
+    base = reference(seq, GROUP.tolist())
+    torch.testing.assert_close(batch["baselines"], torch.tensor(base))
+    torch.testing.assert_close(batch["advantages"], torch.tensor([s - b for s, b in zip(seq, base)]))
+    assert batch["advantages"].shape == (len(rollouts),)  # one advantage per response
+
+
+def test_whitening_is_optional_and_over_responses():
+    rollouts = make_rollouts()
+    raw = make_algo().prepare(rollouts)["advantages"]
+    white = make_algo(whiten_advantages=True).prepare(rollouts)["advantages"]
+    adv = raw.tolist()
+    mean = sum(adv) / len(adv)
+    std = math.sqrt(sum((a - mean) ** 2 for a in adv) / len(adv))
+    torch.testing.assert_close(white, torch.tensor([(a - mean) / std for a in adv]))
+    expected_raw = [
+        s - b
+        for s, b in zip(ref_seq_rewards(rollouts), ref_group_mean(ref_seq_rewards(rollouts), GROUP.tolist()))
+    ]
+    torch.testing.assert_close(raw, torch.tensor(expected_raw))
+
+
+def test_critic_baseline_is_the_value_of_the_prompt_state():
+    rollouts = make_rollouts(values=True)
+    batch = make_algo(baseline="critic").prepare(rollouts)
+    torch.testing.assert_close(batch["baselines"], rollouts.values[:, 0])
+    torch.testing.assert_close(
+        batch["advantages"], torch.tensor(ref_seq_rewards(rollouts)) - rollouts.values[:, 0]
+    )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_policy_loss_matches_loop_with_pads_and_clipped_ratios():
+    rollouts = make_rollouts()
+    algo = make_algo(cliprange=0.2)
+    batch = algo.prepare(rollouts)
+    g = torch.Generator().manual_seed(1)
+    # ratios spread well beyond [0.8, 1.2]; pads hold wild values that must not count
+    logprobs = rollouts.logprobs + 0.6 * torch.randn(rollouts.logprobs.shape, generator=g)
+    logprobs = torch.where(rollouts.response_mask.bool(), logprobs, torch.full_like(logprobs, 50.0))
+    policy = FakePolicy(logprobs)
+    loss, stats = algo.loss(policy, batch)
+    expected, clipfrac = ref_policy_loss(
+        logprobs, rollouts.logprobs, batch["advantages"].tolist(), rollouts.response_mask, 0.2
+    )
+    assert 0 < clipfrac < 1  # the case exercises both branches
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["policy_loss"] == pytest.approx(expected, rel=1e-5)
+    assert stats["clipfrac"] == pytest.approx(clipfrac)
+    assert policy.asked_values == [False]
+    mask = rollouts.response_mask.float()
+    assert stats["entropy"] == pytest.approx(((policy.entropy * mask).sum() / mask.sum()).item(), rel=1e-6)
+    assert stats["advantage_std"] == pytest.approx(batch["advantages"].std(correction=0).item())
+    assert stats["baseline_mean"] == pytest.approx(batch["baselines"].mean().item())
+    assert stats["sequence_reward_mean"] == pytest.approx(batch["seq_rewards"].mean().item())
+    assert {"approx_kl", "clipfrac", "entropy"} <= stats.keys()
+    assert "value_loss" not in stats
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_advantage_is_identical_over_the_tokens_of_a_response():
+    """At rho = 1, dL/dlogp_{i,t} = -A_i / N on every valid token of i (N valid tokens), 0 on pads."""
+    rollouts = make_rollouts()
+    algo = make_algo()
+    batch = algo.prepare(rollouts)
+    policy = FakePolicy(rollouts.logprobs)
+    loss, _ = algo.loss(policy, batch)
+    loss.backward()
+    n = sum(LENGTHS)
+    for i, length in enumerate(LENGTHS):
+        a = batch["advantages"][i].item()
+        for t in range(T):
+            expected = -a / n if t < length else 0.0
+            assert policy.logprobs.grad[i, t].item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_critic_mode_value_loss_on_the_first_response_position():
+    rollouts = make_rollouts(values=True)
+    algo = make_algo(baseline="critic", cliprange_value=0.2, vf_coef=0.5)
+    batch = algo.prepare(rollouts)
+    g = torch.Generator().manual_seed(2)
+    new_values = rollouts.values + 0.5 * torch.randn(rollouts.values.shape, generator=g)
+    policy = FakePolicy(rollouts.logprobs, values=new_values)
+    loss, stats = algo.loss(policy, batch)
+    assert policy.asked_values == [True]
+
+    seq = ref_seq_rewards(rollouts)
+    terms, clipped = [], 0
+    for i in range(len(rollouts)):
+        v, v_old = new_values[i, 0].item(), rollouts.values[i, 0].item()
+        v_clip = min(max(v, v_old - 0.2), v_old + 0.2)
+        terms.append(max((v - seq[i]) ** 2, (v_clip - seq[i]) ** 2))
+        clipped += (v_clip - seq[i]) ** 2 > (v - seq[i]) ** 2
+    value_loss = 0.5 * sum(terms) / len(terms)
+    assert 0 < clipped < len(rollouts)
+    assert stats["value_loss"] == pytest.approx(value_loss, rel=1e-5)
+    assert stats["value_clipfrac"] == pytest.approx(clipped / len(rollouts))
+    # at rho = 1 the policy loss is -masked_mean(A)
+    adv = batch["advantages"].tolist()
+    policy_loss = -sum(adv[i] * n for i, n in enumerate(LENGTHS)) / sum(LENGTHS)
+    assert loss.item() == pytest.approx(policy_loss + 0.5 * value_loss, rel=1e-5)
+
+    loss.backward()
+    assert policy.values.grad[:, 0].abs().sum() > 0
+    assert torch.all(policy.values.grad[:, 1:] == 0)  # only V(prompt) is fitted
