@@ -1,0 +1,304 @@
+"""One W&B run per job plus the project's own run record, with the same rows in both.
+
+The local record is the source of truth that analysis reads without W&B or torch:
+
+- `history.jsonl`: one JSON object per `Tracker.log` call, keys exactly as given, one line each,
+  flushed as written (a killed job loses at most the line being written).
+- `summary.json`: the merged `Tracker.summary` values, pretty-printed, replaced atomically.
+- `tables/<name>.jsonl`: one line per `Tracker.log_table` call, `{**step, "columns": [...], "rows": [...]}`.
+
+Numbers are written as standard JSON: numpy / torch scalars become Python numbers and non-finite
+floats (NaN, ±inf) become `null`, which `json.loads` and `pandas.read_json(lines=True)` read back as
+None / NaN. W&B gets the original values (it shows NaN and inf itself).
+
+W&B is a mirror that must never stop training: if `wandb.init` or a later W&B call raises, a warning
+says so and the job goes on with the local record only. In online mode an unreachable server holds
+the start for wandb's init_timeout (90 s; env WANDB_INIT_TIMEOUT). Offline runs land in
+`<run_dir>/wandb/` and are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
+
+A table goes to W&B as a row of its own (the table and the `step` keys), so W&B has one row per
+`log_table` call more than history.jsonl.
+
+Every key is plotted against `samples` (so algorithms with different batch shapes line up at equal
+samples), except stage rows: `sft/*` against `sft/step` and `rm/*` against `rm/step`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import wandb
+
+log = logging.getLogger(__name__)
+
+MODES = ("online", "offline", "disabled")
+STEP_METRICS = ("samples", "sft/step", "rm/step")
+# counters every RL row carries; defined up front so they are x-axis choices from the first row
+RL_COUNTERS = ("iteration", "tokens", "time/elapsed_s")
+STAGE_PREFIXES = ("sft/", "rm/")
+
+_ID_CHARS = string.ascii_lowercase + string.digits
+
+
+def new_run_id() -> str:
+    """A W&B-style run id (8 base-36 characters), made locally so that a resume can reuse it."""
+    # wandb.util.generate_id is gone in wandb 0.31; this is what wandb.sdk.lib.runid does
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+
+
+def step_metric_for(key: str) -> str | None:
+    """The x-axis W&B plots `key` against; None for the step metrics themselves."""
+    if key in STEP_METRICS:
+        return None
+    for prefix in STAGE_PREFIXES:
+        if key.startswith(prefix):
+            return f"{prefix}step"
+    return "samples"
+
+
+def to_python(value: Any) -> Any:
+    """Numpy / torch scalars (anything with `.item()`) to Python numbers, through dicts and lists."""
+    if isinstance(value, dict):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        # a tensor or array with more than one element raises here, as a row value should
+        return value.item()
+    return value
+
+
+def _nonfinite_to_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nonfinite_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nonfinite_to_null(v) for v in value]
+    return value
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    # allow_nan=False: fail loudly rather than write the non-standard NaN / Infinity tokens
+    return json.dumps(_nonfinite_to_null(obj), allow_nan=False) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _keep_until(path: Path, key: str, max_value: float) -> None:
+    """Rewrite a JSON-lines file keeping lines with `line[key] <= max_value` or without `key`."""
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # the last line of a job killed while writing it
+            log.warning("dropping unreadable line %d of %s", number, path)
+            continue
+        if row.get(key) is None or row[key] <= max_value:
+            kept.append(line + "\n")
+    _atomic_write(path, "".join(kept))
+
+
+class Tracker:
+    """One W&B run (online, offline or disabled) and the local run record in `run_dir`.
+
+    `enabled=False` is for the non-zero ranks of a multi-process run: nothing is written anywhere
+    and every method is a no-op. Use as a context manager, or call `finish` in a `finally`, so a job
+    of a sequential sweep always closes its W&B run before the next job opens one.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        mode: str,
+        project: str,
+        entity: str | None,
+        group: str,
+        job_type: str,
+        name: str,
+        tags: list[str],
+        config: dict,
+        resume_id: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"logger mode must be one of {MODES}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.run_id: str = resume_id or new_run_id()
+        self._run: wandb.Run | None = None
+        self._defined: set[str] = set()
+        self._finished = False
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if mode == "disabled":
+            return
+        try:
+            import wandb  # lazy: the disabled paths and readers of the record never need it
+
+            self._run = wandb.init(
+                project=project,
+                entity=entity,
+                group=group,
+                job_type=job_type,
+                name=name,
+                tags=tags,
+                config=config,
+                dir=self.run_dir,
+                mode=mode,
+                id=self.run_id,
+                resume="allow" if resume_id else None,
+                # a Hydra multirun runs its jobs one after another in this process: a run some job
+                # left open is closed rather than returned and logged into
+                reinit="finish_previous",
+            )
+        except Exception as exc:
+            self._drop_wandb("wandb.init", exc)
+            return
+        self._guarded("define_metric", self._define_metrics, [*STEP_METRICS, *RL_COUNTERS])
+
+    # ------------------------------------------------------------------ W&B plumbing
+
+    def _drop_wandb(self, what: str, exc: BaseException) -> None:
+        run, self._run = self._run, None
+        log.warning(
+            "W&B %s failed (%s: %s); the run continues on its local record in %s (history.jsonl, "
+            "summary.json). An offline run can be uploaded later with `wandb sync %s/wandb/offline-run-*`; "
+            "with no reachable W&B server use logger.mode=offline.",
+            what,
+            type(exc).__name__,
+            exc,
+            self.run_dir,
+            self.run_dir,
+        )
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                log.debug("finishing the failed W&B run also failed", exc_info=True)
+
+    def _guarded(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._run is None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:
+            self._drop_wandb(what, exc)
+
+    def _define_metrics(self, keys: Iterable[str]) -> None:
+        assert self._run is not None
+        # exact names, defined as keys first appear, not globs: with define_metric("*", ...) next to
+        # "sft/*", wandb 0.31 also step-synced `samples` into sft/* rows
+        for key in keys:
+            if key in self._defined:
+                continue
+            step = step_metric_for(key)
+            if step is None:
+                self._run.define_metric(key)
+            else:
+                self._run.define_metric(key, step_metric=step, step_sync=True)
+            self._defined.add(key)
+
+    def _wandb_log(self, row: dict[str, Any]) -> None:
+        assert self._run is not None
+        self._define_metrics(row)
+        self._run.log(row)
+
+    # ------------------------------------------------------------------ public API
+
+    def log(self, row: dict[str, float | int]) -> None:
+        """Append `row` to history.jsonl and log it to W&B."""
+        if not self.enabled:
+            return
+        row = to_python(row)
+        with open(self.run_dir / "history.jsonl", "a") as f:
+            f.write(_json_line(row))
+            f.flush()
+        self._guarded("log", self._wandb_log, row)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: dict) -> None:
+        """Log a W&B Table under `name` together with the step keys in `step` (e.g. iteration,
+        samples), and append it to tables/<name>.jsonl."""
+        if not self.enabled:
+            return
+        rows, step = to_python(rows), to_python(step)
+        path = self.run_dir / "tables" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(_json_line({**step, "columns": list(columns), "rows": rows}))
+            f.flush()
+        if self._run is not None:
+            import wandb
+
+            self._guarded(
+                "log_table", self._wandb_log, {name: wandb.Table(columns=columns, data=rows), **step}
+            )
+
+    def summary(self, values: dict) -> None:
+        """Merge `values` into summary.json and the W&B run summary."""
+        if not self.enabled:
+            return
+        values = to_python(values)
+        path = self.run_dir / "summary.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(_nonfinite_to_null(values))
+        _atomic_write(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
+        if self._run is not None:
+            self._guarded("summary", self._run.summary.update, values)
+
+    def truncate_history(self, key: str, max_value: float) -> None:
+        """Keep only the history rows (and table lines) with `row[key] <= max_value`, for a resume
+        from a checkpoint at `max_value`. Rows without `key` (e.g. stage rows) are kept."""
+        if not self.enabled:
+            return
+        _keep_until(self.run_dir / "history.jsonl", key, max_value)
+        for path in sorted((self.run_dir / "tables").glob("**/*.jsonl")):
+            _keep_until(path, key, max_value)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run; idempotent and safe in a `finally`."""
+        if self._finished:
+            return
+        self._finished = True
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as exc:
+            log.warning(
+                "W&B finish failed (%s: %s); the local record in %s is complete.",
+                type(exc).__name__,
+                exc,
+                self.run_dir,
+            )
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)
