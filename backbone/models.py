@@ -1,0 +1,341 @@
+"""Tokenizers and models: build the tiny ones, load any with from_pretrained, and the policy stack.
+
+The policy stack holds the four roles of RLHF: actor (trained), reference (frozen SFT),
+reward model (frozen) and critic (trained; initialised from the reward model by default).
+Every log-prob and value the sandbox uses is computed here, by one function each, so the
+rollout's old log-probs and the loss's new ones come from the same computation and the
+first PPO ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from backbone.batch import PolicyOutput, Rollouts
+
+log = logging.getLogger(__name__)
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_META_FILE = "value_model.json"
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def train_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over whitespace-separated words, wrapped for transformers."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK]))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """AutoTokenizer with a pad token (EOS when the model has none) and left padding for generation."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int, add_eos: bool = True
+) -> tuple[list[int], list[int], bool]:
+    """Prompt and response tokenised separately (EOS closes the response).
+
+    Returns (prompt_ids, response_ids, truncated). A pair longer than ``max_length`` loses
+    the prompt's left end first (the response is what is scored); a response that alone
+    exceeds it is cut at the right, keeping at least one prompt token.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    excess = len(prompt_ids) + len(response_ids) - max_length
+    if excess <= 0:
+        return prompt_ids, response_ids, False
+    keep_prompt = max(1, len(prompt_ids) - excess)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+    return prompt_ids, response_ids[: max_length - len(prompt_ids)], True
+
+
+def pad_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """Prompts left-padded, responses right-padded: every response starts at column P.
+
+    Returns input_ids, attention_mask and response_mask, each [B, P + T].
+    """
+    p_len = max(len(p) for p, _ in pairs)
+    t_len = max(len(r) for _, r in pairs)
+    batch = len(pairs)
+    input_ids = torch.full((batch, p_len + t_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, p_len + t_len), dtype=torch.long)
+    response_mask = torch.zeros((batch, p_len + t_len), dtype=torch.long)
+    for i, (prompt, response) in enumerate(pairs):
+        start = p_len - len(prompt)
+        input_ids[i, start:p_len] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[i, p_len : p_len + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, start : p_len + len(response)] = 1
+        response_mask[i, p_len : p_len + len(response)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+
+def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, cfg) -> GPT2LMHeadModel:
+    """A GPT-2-shaped model from the model config's n_layer / n_embd / n_head / n_positions."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_layer=cfg.n_layer,
+        n_embd=cfg.n_embd,
+        n_head=cfg.n_head,
+        n_positions=cfg.n_positions,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def load_causal_lm(
+    path: str | Path, dtype: str = "float32", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from safetensors weights; the same path for tiny and real models."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: cumsum(mask) - 1, pads clamped to 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(label) and the entropy of p at each position; logits [B, T, V], labels [B, T]."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    chosen = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+    return chosen, entropy
+
+
+def response_logprobs(model: PreTrainedModel, rollouts: Rollouts) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies of the response tokens, [B, T]: logits at P-1+t predict token P+t."""
+    prompt_len = rollouts.prompt_ids.shape[1]
+    mask = rollouts.attention_mask
+    logits = model(input_ids=rollouts.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logprobs, entropy = token_logprobs(logits[:, prompt_len - 1 : -1], rollouts.response_ids)
+    return logprobs * rollouts.response_mask, entropy * rollouts.response_mask
+
+
+# --------------------------------------------------------------------------- value models
+
+
+class ValueModel(nn.Module):
+    """A transformer body with a linear head: one value per position.
+
+    The reward model pools it to a score per sequence: the value at the last non-pad
+    position (``last``: trlx, DeepSpeed-Chat) or the mean over response positions
+    (``mean``: early ColossalAI). The critic reads it per position.
+    """
+
+    def __init__(self, body: PreTrainedModel, pooling: str = "last", metadata: dict | None = None):
+        super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"reward.pooling={pooling!r}: expected 'last' or 'mean'")
+        self.body = body
+        self.pooling = pooling
+        hidden = body.config.hidden_size
+        self.head = nn.Linear(hidden, 1, dtype=body.dtype)
+        # small head (lm-human-preferences: N(0, 1/sqrt(d+1))) so initial scores are near 0
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.metadata = dict(metadata or {})
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state  # [B, L, D]
+        return self.head(hidden).squeeze(-1).float()  # [B, L]
+
+    def pool(self, values: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> Tensor:
+        """[B, L] values -> [B] scores."""
+        if self.pooling == "last":
+            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask * columns).argmax(dim=1)  # [B] last non-pad position
+            return values.gather(1, last.unsqueeze(1)).squeeze(1)
+        mask = attention_mask if response_mask is None else response_mask
+        return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> Tensor:
+        return self.pool(self(input_ids, attention_mask), attention_mask, response_mask)
+
+    @classmethod
+    def from_causal_lm(
+        cls, path: str | Path, pooling: str = "last", dtype: str = "float32", trust_remote_code: bool = False
+    ) -> ValueModel:
+        """The body of a saved causal LM (its LM head dropped) with a fresh value head."""
+        body = AutoModel.from_pretrained(
+            str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        return cls(body, pooling)
+
+    def save_pretrained(self, path: str | Path, **metadata) -> None:
+        path = Path(path)
+        self.body.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, path / VALUE_HEAD_FILE)
+        self.metadata.update(metadata)
+        meta = {"pooling": self.pooling, **self.metadata}
+        (path / VALUE_META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: str = "float32", trust_remote_code: bool = False
+    ) -> ValueModel:
+        path = Path(path)
+        meta = json.loads((path / VALUE_META_FILE).read_text())
+        body = AutoModel.from_pretrained(
+            str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        model = cls(body, meta.pop("pooling"), metadata=meta)
+        model.head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
+        return model
+
+
+def response_values(critic: ValueModel, rollouts: Rollouts) -> Tensor:
+    """V of the state before each response token, [B, T]: the value at position P-1+t."""
+    prompt_len = rollouts.prompt_ids.shape[1]
+    values = critic(rollouts.input_ids, rollouts.attention_mask)  # [B, P + T]
+    return values[:, prompt_len - 1 : -1] * rollouts.response_mask
+
+
+# --------------------------------------------------------------------------- the policy stack
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class PolicyStack(nn.Module):
+    """Actor, reference, reward model and critic as separate full models (``peft=none``).
+
+    Only actor and critic are trainable; both sit in this module so one optimiser (and one
+    engine) holds them. Every pass runs in eval mode: dropout would make the first ratio
+    differ from 1 and the KL to the reference non-zero at step 0.
+    """
+
+    def __init__(
+        self,
+        actor: PreTrainedModel,
+        reference: PreTrainedModel,
+        reward: ValueModel,
+        critic: ValueModel | None = None,
+    ):
+        super().__init__()
+        self.actor = actor.eval()
+        self.critic = critic.eval() if critic is not None else None
+        # frozen roles are kept out of the module tree's parameters() so optimisers and
+        # engines never see them
+        self._frozen = {"reference": freeze(reference), "reward": freeze(reward)}
+
+    @property
+    def reference(self) -> PreTrainedModel:
+        return self._frozen["reference"]
+
+    @property
+    def reward(self) -> ValueModel:
+        return self._frozen["reward"]
+
+    def to(self, *args, **kwargs) -> PolicyStack:
+        super().to(*args, **kwargs)
+        for model in self._frozen.values():
+            model.to(*args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> PolicyStack:
+        return super().train(False)  # see the class docstring: always eval mode
+
+    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
+        logprobs, entropy = response_logprobs(self.actor, rollouts)
+        if not values:
+            return PolicyOutput(logprobs, entropy)
+        if self.critic is None:
+            raise RuntimeError("values were asked for but this policy stack has no critic")
+        return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollouts: Rollouts) -> Tensor:
+        return response_logprobs(self.reference, rollouts)[0]
+
+    @torch.no_grad()
+    def score(self, rollouts: Rollouts) -> Tensor:
+        """Reward-model score per response, [B], pooled as the reward model was trained."""
+        p_len = rollouts.prompt_ids.shape[1]
+        response_mask = torch.zeros_like(rollouts.attention_mask)
+        response_mask[:, p_len:] = rollouts.response_mask
+        return self.reward.score(rollouts.input_ids, rollouts.attention_mask, response_mask)
+
+    def parameter_groups(self, lr: float, critic_lr: float | None = None) -> list[dict]:
+        """Optimiser groups named by role, built once (so no role is silently left out)."""
+        groups = [
+            {"name": "actor", "params": [p for p in self.actor.parameters() if p.requires_grad], "lr": lr}
+        ]
+        if self.critic is not None:
+            critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+            groups.append({"name": "critic", "params": critic_params, "lr": critic_lr or lr})
+        return groups
+
+
+def build_policy_stack(
+    sft_path: str | Path, reward_path: str | Path, needs_critic: bool, critic_init: str, model_cfg
+) -> PolicyStack:
+    """Load the four roles from the SFT and reward-model artifacts (full models, ``peft=none``)."""
+    kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    actor = load_causal_lm(sft_path, **kwargs)
+    reference = load_causal_lm(sft_path, **kwargs)
+    reward = ValueModel.from_pretrained(reward_path, **kwargs)
+    critic = None
+    if needs_critic:
+        if critic_init == "reward":
+            # the critic starts as a copy of the reward model (body and head)
+            critic = ValueModel.from_pretrained(reward_path, **kwargs)
+        elif critic_init == "sft":
+            critic = ValueModel.from_causal_lm(sft_path, pooling=reward.pooling, **kwargs)
+        else:
+            raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
+    return PolicyStack(actor, reference, reward, critic)
