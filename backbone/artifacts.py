@@ -1,0 +1,80 @@
+"""A content-addressed cache of built artifacts (tokenizer + base model, SFT model, reward model).
+
+An artifact lives in ``<root>/<kind>-<hash of its key>``: every job of a sweep that asks
+for the same key gets the same folder. A folder counts only once it holds the ``COMPLETE``
+marker, and it reaches its final name only by an atomic rename of a finished temporary
+folder, so a build killed midway is never mistaken for a finished one. A file lock per
+artifact makes concurrent jobs build it once: the first builds, the others wait and reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+
+
+def _plain(obj: Any) -> Any:
+    """Resolved configs, dataclasses and mappings, nested in any way, as plain JSON-able values."""
+    if isinstance(obj, DictConfig | ListConfig):
+        return _plain(OmegaConf.to_container(obj, resolve=True))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """First 16 hex digits of the sha256 of the canonical JSON of a (resolved) config or dict."""
+    canonical = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
+    """The folder of the artifact ``kind`` made from ``key``; ``build(folder)`` fills it on a miss.
+
+    ``build`` writes into a fresh temporary folder; ``key.json`` and the marker are added
+    after it returns, then the folder is renamed into place. If ``build`` raises, the
+    temporary folder is left behind for inspection and removed by the next build.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{kind}-{config_hash(key)}"
+    final = root / name
+    if (final / COMPLETE).exists():
+        logger.info("artifact cache hit: %s", final)
+        return final
+    with FileLock(str(root / f"{name}.lock")):
+        if (final / COMPLETE).exists():
+            logger.info("artifact %s was built by another process while waiting", final)
+            return final
+        # under the lock nobody else builds this key: leftovers are from crashed builds
+        for stale in root.glob(f".tmp-{name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # a folder without the marker (copied by hand, say) is not trusted
+            shutil.rmtree(final)
+        tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        logger.info("building artifact %s", final)
+        build(tmp)
+        (tmp / "key.json").write_text(json.dumps(_plain(key), indent=2, sort_keys=True, default=str))
+        (tmp / COMPLETE).touch()
+        os.replace(tmp, final)
+    return final
