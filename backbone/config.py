@@ -42,7 +42,8 @@ class PreferenceDatasetConfig:
 
     _target_: str = "backbone.tasks.preference.PreferenceDatasetTask"
     name: str = "preferences"
-    # first argument of datasets.load_dataset: a hub id, a local folder, or a builder ("json", "csv", "parquet")
+    # first argument of datasets.load_dataset: a hub id, a local folder, or a builder
+    # ("json", "csv", "parquet")
     path: str = MISSING
     data_files: Any = None
     train_split: str = "train"
@@ -115,7 +116,9 @@ class RewardModelConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_iteration: int = 32
+    # responses generated per iteration, the same for every algorithm so that equal iterations
+    # are equal sample budgets; prompts per iteration = samples_per_iteration / samples_per_prompt
+    samples_per_iteration: int = 64
     max_new_tokens: int = 24
     min_new_tokens: int = 0
     temperature: float = 1.0
@@ -124,7 +127,7 @@ class RolloutConfig:
     # evaluation on held-out prompts: every N iterations (and at iteration 0 and the last)
     eval_every: int = 5
     # sampled responses per held-out prompt in evaluation (greedy is always one)
-    eval_samples: int = 1
+    eval_samples: int = 4
 
 
 @dataclass
@@ -215,6 +218,7 @@ class PPOGAEConfig(AlgorithmConfig):
 
     _target_: str = "algorithms.ppo_gae.PPOGAE"
     name: str = "ppo_gae"
+    lr: float = 3e-4
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -229,6 +233,7 @@ class PPOSampledConfig(AlgorithmConfig):
 
     _target_: str = "algorithms.ppo_sampled.PPOSampled"
     name: str = "ppo_sampled"
+    lr: float = 3e-4
     samples_per_prompt: int = 4
     # sampled_mean | leave_one_out | critic
     baseline: str = "sampled_mean"
@@ -244,9 +249,13 @@ class RRHFConfig(AlgorithmConfig):
 
     _target_: str = "algorithms.rrhf.RRHF"
     name: str = "rrhf"
+    lr: float = 1e-4
     samples_per_prompt: int = 4
     ppo_epochs: int = 1
-    rank_weight: float = 1.0
+    # the paper's L = L_rank + L_sft has weight 1; on toy_reviews that weight drives the policy off
+    # the grammar (the hinge pushes down every token of worse samples) and gold falls while the
+    # proxy reward rises, so the default is 0.1; sweep algorithm.rank_weight to see it
+    rank_weight: float = 0.1
     sft_weight: float = 1.0
     length_penalty: float = 1.0
     # online: generate a small batch, train on it, repeat; offline: generate for all prompts first
@@ -280,7 +289,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
-    iterations: int = 30
+    iterations: int = 60
     # a run folder to continue from its last checkpoint
     resume: str | None = None
     # checkpoint every N iterations (and at the end)
@@ -292,7 +301,10 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     groups = {
-        "task": {"toy_reviews_schema": ToyReviewsConfig, "preference_dataset_schema": PreferenceDatasetConfig},
+        "task": {
+            "toy_reviews_schema": ToyReviewsConfig,
+            "preference_dataset_schema": PreferenceDatasetConfig,
+        },
         "model": {"model_schema": ModelConfig},
         "algorithm": {
             "ppo_gae_schema": PPOGAEConfig,

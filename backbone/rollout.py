@@ -1,0 +1,143 @@
+"""Generation and scoring: prompts in, a ``Rollouts`` batch out.
+
+The actor samples n responses per prompt (batched, KV cache, left-padded prompts, stop at
+EOS); then, on the finished sequences, one forward pass per role gives the actor's and
+the reference's token log-probs, the critic's values when asked, and the reward model's
+score. The log-probs are recomputed by the same function the loss uses, not taken from
+generation, so the first PPO ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from backbone.batch import Rollouts
+from backbone.kl import kl_estimate
+from backbone.models import PolicyStack, response_values
+from backbone.reward import RewardShaper
+from backbone.tasks.base import Task
+
+
+def response_mask_upto_eos(response_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """1 on response tokens up to and including the first EOS, [B, T]; and whether EOS came, [B]."""
+    is_eos = response_ids == eos_id  # [B, T]
+    ended = is_eos.any(dim=1)  # [B]
+    # EOS positions counted so far, excluding the current token: 0 means "still inside the response"
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).long(), ended
+
+
+class RolloutCollector:
+    """Samples from the actor and scores with the frozen roles; owns no trainable state."""
+
+    def __init__(
+        self,
+        stack: PolicyStack,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        shaper: RewardShaper,
+        kl_estimator: str,
+        rollout_cfg,
+        max_length: int,
+        device: torch.device,
+    ):
+        self.stack = stack
+        self.tokenizer = tokenizer
+        self.task = task
+        self.shaper = shaper
+        self.kl_estimator = kl_estimator
+        self.cfg = rollout_cfg
+        self.device = device
+        self.max_prompt_len = max_length - rollout_cfg.max_new_tokens
+        if self.max_prompt_len < 1:
+            raise ValueError(
+                f"rollout.max_new_tokens={rollout_cfg.max_new_tokens} leaves no room for a prompt in "
+                f"model.max_length={max_length}"
+            )
+
+    def generation_config(self, greedy: bool) -> GenerationConfig:
+        """Explicit sampling knobs: a model's saved generation_config (top_k=50, ...) must not leak in."""
+        sampling = (
+            {}
+            if greedy
+            else {"temperature": self.cfg.temperature, "top_k": self.cfg.top_k, "top_p": self.cfg.top_p}
+        )
+        return GenerationConfig(
+            do_sample=not greedy,
+            max_new_tokens=self.cfg.max_new_tokens,
+            min_new_tokens=self.cfg.min_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+
+    def encode_prompts(self, prompts: list[str], samples_per_prompt: int) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, each prompt repeated n times in a row: [B * n, P]."""
+        encoded = [
+            self.tokenizer(p, add_special_tokens=False)["input_ids"][-self.max_prompt_len :] for p in prompts
+        ]
+        if any(len(ids) == 0 for ids in encoded):
+            empty = next(p for p, ids in zip(prompts, encoded) if len(ids) == 0)
+            raise ValueError(f"prompt {empty!r} tokenises to nothing")
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, row in enumerate(encoded):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        return (
+            ids.repeat_interleave(samples_per_prompt, dim=0).to(self.device),
+            mask.repeat_interleave(samples_per_prompt, dim=0).to(self.device),
+        )
+
+    @torch.no_grad()
+    def collect(
+        self,
+        prompts: list[str],
+        samples_per_prompt: int = 1,
+        kl_coef: float = 0.0,
+        with_values: bool = False,
+        greedy: bool = False,
+        group_offset: int = 0,
+        update_stats: bool = True,
+    ) -> Rollouts:
+        """n responses per prompt, scored; ``update_stats=False`` for evaluation (reward statistics
+        unchanged)."""
+        prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
+        actor = self.stack.actor
+        sequences = actor.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config(greedy)
+        )  # [B, P + T]
+        response_ids = sequences[:, prompt_ids.shape[1] :]
+        response_mask, ended = response_mask_upto_eos(response_ids, self.tokenizer.eos_token_id)
+        response_ids = torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id)
+        rollouts = Rollouts(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            group=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
+            + group_offset,
+            logprobs=torch.empty(0),
+            ref_logprobs=torch.empty(0),
+            kl=torch.empty(0),
+            scores=torch.empty(0),
+            rewards=torch.empty(0),
+            kl_coef=kl_coef,
+            prompts=[p for p in prompts for _ in range(samples_per_prompt)],
+        )
+        rollouts.logprobs = self.stack(rollouts).logprobs  # [B, T]
+        rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]
+        rollouts.kl = kl_estimate(rollouts.logprobs, rollouts.ref_logprobs, self.kl_estimator) * response_mask
+        if with_values:
+            rollouts.values = response_values(self.stack.critic, rollouts)  # [B, T]
+        rollouts.scores = self.stack.score(rollouts)  # [B]
+        rollouts.rewards = self.shaper(rollouts.scores, ended, update=update_stats)  # [B]
+        rollouts.responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        if self.task.has_gold:
+            gold = self.task.gold_reward(rollouts.prompts, rollouts.responses)
+            rollouts.gold = torch.tensor(gold, dtype=torch.float32, device=self.device)
+        return rollouts

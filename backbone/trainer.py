@@ -1,0 +1,273 @@
+"""The RL loop, the same for every algorithm.
+
+    evaluate (iteration 0: the SFT policy)
+    for each iteration:
+        collect   prompts -> n responses each -> log-probs, reference log-probs, values, rewards
+        prepare   algorithm.prepare(rollouts): advantages / returns / ranks (no grad)
+        update    E epochs x minibatches of algorithm.loss -> backward -> clip -> step
+        control   KL controller update with the measured KL
+        log       one history row (iteration, samples, tokens, wall time, rollout/*, train/*)
+        evaluate  every N iterations and at the last, on held-out prompts (sampled and greedy)
+        checkpoint
+
+Every algorithm is measured with the same KL: per response, the sum over its tokens of
+log pi - log pi_ref (k1), then the mean over responses (``rollout/kl_mean``), whatever
+estimator the algorithm's own shaping uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from algorithms.base import Algorithm
+from backbone.batch import Rollouts
+from backbone.checkpoint import CheckpointManager
+from backbone.engine import TorchEngine
+from backbone.kl import build_kl_controller
+from backbone.rollout import RolloutCollector
+from backbone.tasks.base import Task
+from backbone.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream:
+    """An endless, seeded, reshuffled-every-epoch stream of RL prompts (position is resumable)."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        if not prompts:
+            raise ValueError("the task has no RL prompts")
+        self.prompts = prompts
+        self.seed = seed
+        self.position = 0
+
+    def take(self, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, len(self.prompts))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+            out.append(self.prompts[order[index]])
+            self.position += 1
+        return out
+
+
+def prompts_per_iteration(samples_per_iteration: int, algorithm: Algorithm) -> int:
+    n = algorithm.samples_per_prompt
+    if samples_per_iteration % n:
+        raise ValueError(
+            f"rollout.samples_per_iteration={samples_per_iteration} is not a multiple of "
+            f"{algorithm.name}'s samples_per_prompt={n}"
+        )
+    return samples_per_iteration // n
+
+
+def sequence_kl(rollouts: Rollouts) -> torch.Tensor:
+    """The shared KL measure per response, [B]: sum_t (log pi - log pi_ref) over its tokens."""
+    return ((rollouts.logprobs - rollouts.ref_logprobs) * rollouts.response_mask).sum(dim=1)
+
+
+def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
+    kl = sequence_kl(rollouts)
+    shaping_kl = rollouts.kl.sum(dim=1)  # the configured estimator, summed per response
+    row = {
+        f"{prefix}/reward_mean": rollouts.scores.mean().item(),
+        f"{prefix}/reward_std": rollouts.scores.std().item() if len(rollouts) > 1 else 0.0,
+        f"{prefix}/kl_mean": kl.mean().item(),
+        f"{prefix}/response_len_mean": rollouts.response_lengths.float().mean().item(),
+    }
+    if prefix == "rollout":
+        row["rollout/reward_normalized_mean"] = rollouts.rewards.mean().item()
+        row["rollout/kl_estimate_mean"] = shaping_kl.mean().item()
+        row["rollout/kl_negative_frac"] = (shaping_kl < 0).float().mean().item()
+    if rollouts.gold is not None:
+        row[f"{prefix}/gold_mean"] = rollouts.gold.mean().item()
+    return row
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg,
+        task: Task,
+        algorithm: Algorithm,
+        collector: RolloutCollector,
+        tracker: Tracker,
+        run_dir: str | Path,
+    ):
+        self.cfg = cfg
+        self.task = task
+        self.algorithm = algorithm
+        self.collector = collector
+        self.stack = collector.stack
+        self.tracker = tracker
+        self.kl_ctl = build_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+        self.prompts = PromptStream(task.rl_prompts(), cfg.seed)
+        self.prompts_per_iteration = prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
+        steps_per_iteration = algorithm.ppo_epochs * -(
+            -cfg.rollout.samples_per_iteration // algorithm.minibatch_size
+        )
+        self.engine = TorchEngine(
+            self.stack,
+            self.stack.parameter_groups(algorithm.lr, cfg.optim.critic_lr),
+            cfg.optim,
+            total_steps=cfg.iterations * steps_per_iteration,
+        )
+        self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.iteration = 0
+        self.samples = 0
+        self.tokens = 0
+        self.offline_buffer: list[Rollouts] = []
+        self.start_time = time.perf_counter()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        first_eval = self.log_row(self.evaluate())
+        last_eval = first_eval
+        if self.algorithm.offline:
+            self.collect_offline_buffer()
+        progress = tqdm(range(self.iteration + 1, self.cfg.iterations + 1), desc=self.algorithm.name)
+        for iteration in progress:
+            self.iteration = iteration
+            rollouts = self.collect()
+            with torch.no_grad():
+                batch = self.algorithm.prepare(rollouts)
+            row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
+            row["kl/coef"] = self.kl_ctl.value
+            self.kl_ctl.update(sequence_kl(rollouts).mean().item(), n_steps=len(rollouts))
+            if iteration % self.cfg.rollout.eval_every == 0 or iteration == self.cfg.iterations:
+                last_eval = self.evaluate()
+                row.update(last_eval)
+            self.log_row(row)
+            progress.set_postfix(
+                reward=f"{row['rollout/reward_mean']:.2f}", kl=f"{row['rollout/kl_mean']:.2f}"
+            )
+            if iteration % self.cfg.checkpoint_every == 0 or iteration == self.cfg.iterations:
+                self.checkpoints.save(self.state(), self.stack, iteration)
+        return self.summary(first_eval, last_eval)
+
+    def collect(self) -> Rollouts:
+        if self.algorithm.offline:
+            return self.offline_buffer[self.iteration - 1]
+        prompts = self.prompts.take(self.prompts_per_iteration)
+        rollouts = self.collector.collect(
+            prompts, self.algorithm.samples_per_prompt, self.kl_ctl.value, self.algorithm.needs_critic
+        )
+        self.count(rollouts)
+        return rollouts
+
+    def collect_offline_buffer(self) -> None:
+        """Offline algorithms: the whole sample budget is generated by the initial policy, up front."""
+        for i in tqdm(range(self.cfg.iterations), desc="offline rollouts"):
+            prompts = self.prompts.take(self.prompts_per_iteration)
+            rollouts = self.collector.collect(
+                prompts,
+                self.algorithm.samples_per_prompt,
+                self.kl_ctl.value,
+                self.algorithm.needs_critic,
+                group_offset=i * len(prompts),
+            )
+            self.count(rollouts)
+            self.offline_buffer.append(rollouts)
+
+    def count(self, rollouts: Rollouts) -> None:
+        self.samples += len(rollouts)
+        self.tokens += int(rollouts.response_lengths.sum())
+
+    def update(self, batch) -> dict[str, float]:
+        """E epochs over the batch in minibatches that keep each prompt's samples together."""
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(self.algorithm.ppo_epochs):
+            for minibatch in batch.minibatches(self.algorithm.minibatch_size, self.shuffle):
+                loss, stats = self.algorithm.loss(self.stack, minibatch)
+                self.engine.backward(loss)
+                sums["train/grad_norm"] += self.engine.step()
+                sums["train/loss"] += loss.item()
+                for key, value in stats.items():
+                    sums[f"train/{key}"] += value
+                steps += 1
+        row = {key: value / steps for key, value in sums.items()}
+        row.update({f"train/lr/{name}": lr for name, lr in self.engine.learning_rates().items()})
+        return row
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out prompts: sampled responses (reward, gold, KL, length) and greedy ones."""
+        prompts = self.task.eval_prompts()
+        sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
+        greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
+        row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
+        table_every = self.cfg.logger.table_every
+        if table_every and self.iteration % table_every == 0:
+            columns = ["prompt", "response", "reward", "gold"]
+            gold = sampled.gold.tolist() if sampled.gold is not None else [None] * len(sampled)
+            rows = [list(r) for r in zip(sampled.prompts, sampled.responses, sampled.scores.tolist(), gold)]
+            self.tracker.log_table("eval/samples", columns, rows, self.step_keys())
+        return row
+
+    # ------------------------------------------------------------------ records
+
+    def step_keys(self) -> dict[str, float]:
+        return {
+            "iteration": self.iteration,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "time/elapsed_s": time.perf_counter() - self.start_time,
+        }
+
+    def log_row(self, row: dict[str, float]) -> dict[str, float]:
+        self.tracker.log({**self.step_keys(), **row})
+        return row
+
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "engine": self.engine.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_shaper": self.collector.shaper.state_dict(),
+            "prompt_position": self.prompts.position,
+            "shuffle_rng": self.shuffle.get_state(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "wandb_run_id": self.tracker.run_id,
+        }
+
+    def summary(self, first_eval: dict, last_eval: dict) -> dict:
+        summary = {
+            "algorithm": self.algorithm.name,
+            "seed": self.cfg.seed,
+            "task": self.task.name,
+            "model": self.cfg.model.name,
+            "iterations": self.iteration,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "wall_time_s": time.perf_counter() - self.start_time,
+        }
+        for key in ("eval/reward_mean", "eval/kl_mean", "eval/gold_mean", "eval/response_len_mean"):
+            if key in last_eval:
+                summary[f"final/{key}"] = last_eval[key]
+                summary[f"initial/{key}"] = first_eval[key]
+                summary[f"gain/{key}"] = last_eval[key] - first_eval[key]
+        return summary

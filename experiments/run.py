@@ -1,0 +1,124 @@
+"""Train one algorithm end to end: SFT -> reward model -> RL, with a run record and W&B.
+
+    python -m experiments.run                                   # the default job
+    python -m experiments.run algorithm=rrhf iterations=20
+    python -m experiments.run -m algorithm=ppo_gae,ppo_sampled,rrhf seed=0,1,2
+
+SFT and reward-model artifacts are cached under ``paths.artifacts``, so every job of a
+sweep shares them. The run record (``history.jsonl``, ``summary.json``, ``checkpoints/``)
+lands in the job's Hydra output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from backbone.config import register_configs
+from backbone.models import build_policy_stack, load_tokenizer
+from backbone.reward import RewardShaper
+from backbone.rollout import RolloutCollector
+from backbone.stages import prepare_stages
+from backbone.tracking import Tracker
+from backbone.trainer import Trainer, prompts_per_iteration, seed_everything
+
+log = logging.getLogger("experiments.run")
+
+register_configs()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_identity(cfg: DictConfig) -> tuple[str, str]:
+    """(group, name): a sweep's jobs share the sweep's group; a single run is its own group."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        default_group = f"{sweep_dir.parent.name}_{sweep_dir.name}"
+        name = f"{cfg.algorithm.name}-seed{cfg.seed}-job{hydra_cfg.job.num}"
+    else:
+        default_group = f"{output_dir.parent.name}_{output_dir.name}"
+        name = f"{cfg.algorithm.name}-seed{cfg.seed}"
+    return cfg.logger.group or default_group, name
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.engine.device)
+    task = instantiate(cfg.task)
+    algorithm = instantiate(cfg.algorithm)  # fails on bad hyperparameters before any model loads
+    prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
+    group, name = run_identity(cfg)
+    tracker = Tracker(
+        run_dir,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=group,
+        job_type=cfg.algorithm.name,
+        name=name,
+        tags=[*cfg.logger.tags, cfg.algorithm.name, cfg.task.name, cfg.model.name],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    with tracker:
+        tracker.summary({"group": group, "name": name, "run_id": tracker.run_id})
+        stages = prepare_stages(cfg, task, tracker.log)
+        tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
+        if cfg.iterations == 0:
+            return {}
+        tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
+        stack = build_policy_stack(
+            stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model
+        ).to(device)
+        meta = stack.reward.metadata
+        shaper = RewardShaper(
+            normalize=cfg.reward.normalize,
+            clip=cfg.reward.clip,
+            missing_eos_penalty=cfg.reward.missing_eos_penalty,
+            rm_mean=meta.get("chosen_mean", 0.0),
+            rm_std=meta.get("chosen_std", 1.0),
+        )
+        collector = RolloutCollector(
+            stack, tokenizer, task, shaper, cfg.kl.estimator, cfg.rollout, cfg.model.max_length, device
+        )
+        seed_everything(cfg.seed)  # the RL stream does not depend on whether the stages were cached
+        trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
+        trainer.checkpoints.tokenizer = tokenizer
+        summary = trainer.run()
+        tracker.summary(summary)
+        return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = train(cfg, run_dir)
+    log.info("run record: %s", run_dir.resolve())
+    print(f"run record: {run_dir.resolve()}")
+    # returned to Hydra sweepers that optimise a metric
+    return summary.get("final/eval/reward_mean")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=K`` that the DeepSpeed launcher prepends (Hydra rejects it)."""
+    return [a for a in argv if not a.startswith("--local_rank")]
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    main()

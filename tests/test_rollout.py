@@ -1,0 +1,100 @@
+"""Rollouts from a real (tiny, random) policy stack: masks, log-probs, first ratio, KL at step 0."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from algorithms.ppo_gae import PPOGAE
+from backbone.models import PolicyStack, ValueModel, build_tiny_causal_lm, load_causal_lm, train_word_tokenizer
+from backbone.reward import RewardShaper
+from backbone.rollout import RolloutCollector, response_mask_upto_eos
+from backbone.tasks.toy_reviews import ToyReviews
+
+ARCH = SimpleNamespace(n_layer=1, n_embd=32, n_head=2, n_positions=48, dropout=0.0)
+
+
+def rollout_cfg(**overrides):
+    cfg = dict(max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    task = ToyReviews(n_sft_train=200, n_sft_eval=10, n_pref_train=10, n_pref_eval=10, n_rl_prompts=50)
+    tokenizer = train_word_tokenizer(task.corpus())
+    torch.manual_seed(0)
+    build_tiny_causal_lm(tokenizer, ARCH).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    stack = PolicyStack(
+        load_causal_lm(path), load_causal_lm(path), ValueModel.from_causal_lm(path), ValueModel.from_causal_lm(path)
+    )
+    return task, tokenizer, stack
+
+
+def collector(setup, **overrides):
+    task, tokenizer, stack = setup
+    shaper = RewardShaper(normalize="none", clip=None, missing_eos_penalty=None)
+    return RolloutCollector(stack, tokenizer, task, shaper, "k1", rollout_cfg(**overrides), 48, torch.device("cpu"))
+
+
+def test_response_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    mask, ended = response_mask_upto_eos(ids, eos_id=1)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_rollouts_are_masked_grouped_and_scored(setup):
+    torch.manual_seed(0)
+    prompts = setup[0].rl_prompts()[:6]
+    rollouts = collector(setup).collect(prompts, samples_per_prompt=3, with_values=True)
+    eos, pad = setup[1].eos_token_id, setup[1].pad_token_id
+    assert len(rollouts) == 18 and rollouts.group.tolist() == [g for g in range(6) for _ in range(3)]
+    assert rollouts.prompts[:3] == [prompts[0]] * 3
+    for ids, mask in zip(rollouts.response_ids, rollouts.response_mask):
+        n = int(mask.sum())
+        assert torch.all(mask[:n] == 1) and torch.all(mask[n:] == 0)  # a prefix of the row
+        assert eos not in ids[: n - 1].tolist()  # EOS only as the last counted token
+        assert torch.all(ids[n:] == pad)  # nothing after the end counts or is kept
+    for field in (rollouts.logprobs, rollouts.ref_logprobs, rollouts.kl, rollouts.values):
+        assert torch.all(field[rollouts.response_mask == 0] == 0)
+    assert rollouts.scores.shape == rollouts.gold.shape == (18,)
+    assert rollouts.responses[0] == setup[1].decode(rollouts.response_ids[0], skip_special_tokens=True)
+
+
+def test_step_zero_kl_is_zero_and_the_first_ppo_ratio_is_one(setup):
+    torch.manual_seed(1)
+    rollouts = collector(setup).collect(setup[0].rl_prompts()[:8], with_values=True)
+    torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs)  # actor == reference
+    assert torch.all(rollouts.kl == 0)
+    algorithm = PPOGAE(
+        name="ppo_gae", lr=1e-3, ppo_epochs=1, minibatch_size=4, gamma=1.0, lam=0.95, cliprange=0.2,
+        cliprange_value=0.2, vf_coef=0.5, whiten_advantages=True,
+    )
+    batch = algorithm.prepare(rollouts)
+    for minibatch in batch.minibatches(4, torch.Generator().manual_seed(0)):
+        _, stats = algorithm.loss(setup[2], minibatch)  # recomputed in smaller batches
+        assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_min_new_tokens_and_greedy_decoding(setup):
+    torch.manual_seed(2)
+    rollouts = collector(setup, min_new_tokens=6).collect(setup[0].rl_prompts()[:8])
+    assert int(rollouts.response_lengths.min()) >= 6
+    prompts = setup[0].eval_prompts()[:4]
+    greedy = collector(setup)
+    first = greedy.collect(prompts, greedy=True)
+    torch.manual_seed(99)
+    assert torch.equal(greedy.collect(prompts, greedy=True).response_ids, first.response_ids)
+
+
+def test_top_k_one_sampling_is_greedy(setup):
+    prompts = setup[0].eval_prompts()[:4]
+    greedy = collector(setup).collect(prompts, greedy=True)
+    torch.manual_seed(3)
+    top1 = collector(setup, top_k=1).collect(prompts)
+    assert torch.equal(top1.response_ids, greedy.response_ids)

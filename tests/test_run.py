@@ -1,0 +1,119 @@
+"""The entry point as a user types it: run records, W&B groups, shared artifacts, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import read_history, read_summary, run_entry
+
+# small enough to run in seconds; the stages still train a usable SFT policy and reward model
+SMALL = [
+    "task.n_sft_train=1500",
+    "task.n_pref_train=1500",
+    "task.n_eval_prompts=16",
+    "sft.epochs=1",
+    "reward_model.epochs=1",
+    "rollout.samples_per_iteration=8",
+    "rollout.max_new_tokens=12",
+    "algorithm.minibatch_size=8",
+    "rollout.eval_every=2",
+    "logger.table_every=2",
+]
+
+RL_KEYS = {
+    "iteration",
+    "samples",
+    "tokens",
+    "time/elapsed_s",
+    "rollout/reward_mean",
+    "rollout/kl_mean",
+    "rollout/response_len_mean",
+    "rollout/gold_mean",
+    "train/loss",
+}
+EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/gold_mean"}
+
+
+def rl_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "iteration" in r]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, artifacts_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("single")
+    args = [*SMALL, "iterations=3", f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"]
+    result = run_entry(args, cwd=run_dir)
+    assert f"run record: {run_dir}" in result.stdout
+    return run_dir
+
+
+def test_history_rows_carry_the_contract_keys(single_run):
+    rows = rl_rows(read_history(single_run))
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[0]) >= EVAL_KEYS and "train/loss" not in rows[0]  # iteration 0: the SFT policy
+    for row in rows[1:]:
+        assert set(row) >= RL_KEYS
+        assert {"train/policy_loss", "train/value_loss", "train/clipfrac", "train/approx_kl"} <= set(row)
+    assert set(rows[2]) >= EVAL_KEYS and set(rows[3]) >= EVAL_KEYS  # every 2 iterations and the last
+    samples = [r["samples"] for r in rows]
+    assert samples == sorted(samples) and samples[-1] == 3 * 8
+    assert rows[0]["eval/kl_mean"] == pytest.approx(0.0, abs=1e-4)  # actor == reference at the start
+
+
+def test_summary_and_run_record(single_run):
+    summary = read_summary(single_run)
+    for key in (
+        "algorithm",
+        "seed",
+        "task",
+        "model",
+        "iterations",
+        "samples",
+        "wall_time_s",
+        "final/eval/reward_mean",
+        "gain/eval/reward_mean",
+        "gain/eval/gold_mean",
+        "group",
+    ):
+        assert key in summary
+    assert summary["algorithm"] == "ppo_gae" and summary["iterations"] == 3
+    assert summary["reward_model"]["rm/eval_accuracy"] > 0.5
+    assert (single_run / ".hydra" / "config.yaml").exists()
+    assert list((single_run / "checkpoints").glob("iter-*/actor/model.safetensors"))
+    assert list((single_run / "wandb").glob("offline-run-*/run-*.wandb"))  # offline by default
+    assert (single_run / "tables" / "eval" / "samples.jsonl").exists()
+
+
+def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    sweep = tmp_path / "sweep"
+    run_entry(
+        [
+            "-m",
+            *SMALL,
+            "iterations=1",
+            "seed=0,1",
+            f"paths.artifacts={artifacts}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    summaries = [read_summary(sweep / str(i)) for i in (0, 1)]
+    assert summaries[0]["group"] == summaries[1]["group"] == f"{sweep.parent.name}_{sweep.name}"
+    assert [s["seed"] for s in summaries] == [0, 1]
+    assert summaries[0]["run_id"] != summaries[1]["run_id"]
+    built = sorted(p.name.split("-")[0] for p in artifacts.iterdir() if p.is_dir())
+    assert built == ["base", "reward", "sft"]  # one of each, shared by both jobs
+
+
+def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
+    run_dir = tmp_path / "again"
+    run_entry(
+        [*SMALL, "iterations=3", f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"], cwd=tmp_path
+    )
+
+    def stripped(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rl_rows(rows)]
+
+    assert stripped(read_history(run_dir)) == stripped(read_history(single_run))
