@@ -8,19 +8,13 @@ rewards), the algorithm turns them into targets (``prepare``, no gradient) and a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
 
-from backbone.batch import Batch, Rollouts
+from backbone.batch import Batch, PolicyOutput, Rollouts
 
-
-@dataclass
-class PolicyOutput:
-    logprobs: Tensor  # [B, T] log pi_theta of each response token
-    entropy: Tensor  # [B, T] entropy of pi_theta at each response position
-    values: Tensor | None = None  # [B, T] critic values, when asked for
+__all__ = ["Algorithm", "Batch", "Policy", "PolicyOutput", "Rollouts"]
 
 
 class Policy(Protocol):

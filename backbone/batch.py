@@ -66,6 +66,15 @@ class Rollouts:
 
 
 @dataclass
+class PolicyOutput:
+    """What one forward pass of the trainable models gives an algorithm's loss."""
+
+    logprobs: Tensor  # [B, T] log pi_theta of each response token
+    entropy: Tensor  # [B, T] entropy of pi_theta at each response position
+    values: Tensor | None = None  # [B, T] critic values, when asked for
+
+
+@dataclass
 class Batch:
     """Rollouts plus the algorithm's targets (advantages, returns, ...), each ``[B, ...]``."""
 
