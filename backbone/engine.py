@@ -13,6 +13,20 @@ import torch
 from torch import Tensor, nn
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def configure_cpu_threads(device: torch.device, threads: int) -> None:
+    """Intra-op threads on CPU. OpenMP threads spin while they wait, so two threads per job
+    collapse (10-50x slower steps) as soon as another busy process shares the cores."""
+    if device.type == "cpu" and threads > 0:
+        torch.set_num_threads(threads)
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     """Multiplier of the base LR at each optimiser step: linear warm-up, then the schedule."""
     if schedule not in ("constant", "linear", "cosine"):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from backbone.artifacts import get_or_build
-from backbone.engine import lr_lambda
+from backbone.engine import lr_lambda, resolve_device
 from backbone.models import (
     ValueModel,
     build_tiny_causal_lm,
@@ -62,13 +62,6 @@ class StageArtifacts:
     reward: Path
     sft_metrics: dict
     rm_metrics: dict
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- data
@@ -360,7 +353,7 @@ def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
     root = cfg.paths.artifacts
     base_key = _base_key(cfg)
     base = build_base(cfg, task)
-    sft_key = {"base": base_key, "sft": cfg.sft, "max_length": cfg.model.max_length}
+    sft_key = {"base": base_key, "sft": cfg.sft}
     sft = get_or_build(root, "sft", sft_key, lambda folder: train_sft(cfg, task, base, folder, log))
     init_key, init_path = (sft_key, sft) if cfg.reward_model.init == "sft" else (base_key, base)
     rm_key = {"init": init_key, "reward_model": cfg.reward_model, "pooling": cfg.reward.pooling}

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -24,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from backbone.config import register_configs
+from backbone.engine import configure_cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
 from backbone.reward import RewardShaper
 from backbone.rollout import RolloutCollector
@@ -34,12 +34,6 @@ from backbone.trainer import Trainer, prompts_per_iteration, seed_everything
 log = logging.getLogger("experiments.run")
 
 register_configs()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_identity(cfg: DictConfig) -> tuple[str, str]:
@@ -60,6 +54,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
+    configure_cpu_threads(device, cfg.engine.cpu_threads)
     task = instantiate(cfg.task)
     algorithm = instantiate(cfg.algorithm)  # fails on bad hyperparameters before any model loads
     prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)

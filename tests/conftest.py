@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -20,6 +21,8 @@ CONF = REPO / "conf"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 register_configs()
+# one intra-op thread: the suite's subprocesses and this process share two cores (see engine.py)
+torch.set_num_threads(1)
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:

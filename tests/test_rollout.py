@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from algorithms.ppo_gae import PPOGAE
-from backbone.models import PolicyStack, ValueModel, build_tiny_causal_lm, load_causal_lm, train_word_tokenizer
+from backbone.models import (
+    PolicyStack,
+    ValueModel,
+    build_tiny_causal_lm,
+    load_causal_lm,
+    train_word_tokenizer,
+)
 from backbone.reward import RewardShaper
 from backbone.rollout import RolloutCollector, response_mask_upto_eos
 from backbone.tasks.toy_reviews import ToyReviews
@@ -29,7 +35,10 @@ def setup(tmp_path_factory):
     build_tiny_causal_lm(tokenizer, ARCH).save_pretrained(path)
     tokenizer.save_pretrained(path)
     stack = PolicyStack(
-        load_causal_lm(path), load_causal_lm(path), ValueModel.from_causal_lm(path), ValueModel.from_causal_lm(path)
+        load_causal_lm(path),
+        load_causal_lm(path),
+        ValueModel.from_causal_lm(path),
+        ValueModel.from_causal_lm(path),
     )
     return task, tokenizer, stack
 
@@ -37,7 +46,9 @@ def setup(tmp_path_factory):
 def collector(setup, **overrides):
     task, tokenizer, stack = setup
     shaper = RewardShaper(normalize="none", clip=None, missing_eos_penalty=None)
-    return RolloutCollector(stack, tokenizer, task, shaper, "k1", rollout_cfg(**overrides), 48, torch.device("cpu"))
+    return RolloutCollector(
+        stack, tokenizer, task, shaper, "k1", rollout_cfg(**overrides), 48, torch.device("cpu")
+    )
 
 
 def test_response_mask_stops_after_the_first_eos():
@@ -71,8 +82,16 @@ def test_step_zero_kl_is_zero_and_the_first_ppo_ratio_is_one(setup):
     torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs)  # actor == reference
     assert torch.all(rollouts.kl == 0)
     algorithm = PPOGAE(
-        name="ppo_gae", lr=1e-3, ppo_epochs=1, minibatch_size=4, gamma=1.0, lam=0.95, cliprange=0.2,
-        cliprange_value=0.2, vf_coef=0.5, whiten_advantages=True,
+        name="ppo_gae",
+        lr=1e-3,
+        ppo_epochs=1,
+        minibatch_size=4,
+        gamma=1.0,
+        lam=0.95,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.5,
+        whiten_advantages=True,
     )
     batch = algorithm.prepare(rollouts)
     for minibatch in batch.minibatches(4, torch.Generator().manual_seed(0)):

@@ -146,7 +146,7 @@ def test_sft_loss_picks_the_best_candidate_per_group_and_ignores_padding():
 def test_constructor_takes_exactly_the_config_fields():
     algo = RRHF(**{f.name: f.default for f in fields(RRHFConfig) if f.name != "_target_"})
     assert algo.samples_per_prompt == RRHFConfig.samples_per_prompt == 4
-    assert algo.rank_weight == algo.sft_weight == 1.0 and algo.length_penalty == 1.0
+    assert algo.rank_weight == RRHFConfig.rank_weight and algo.sft_weight == algo.length_penalty == 1.0
     assert not algo.offline and not algo.needs_critic
 
 

@@ -17,6 +17,7 @@ from backbone.models import (
     ValueModel,
     build_tiny_causal_lm,
     encode_pair,
+    load_tokenizer,
     pad_pairs,
     train_word_tokenizer,
 )
@@ -175,16 +176,19 @@ def test_sft_then_reward_model_learn_and_reload(tmp_path):
     saved = json.loads((tmp_path / "rm" / METRICS_FILE).read_text())
     assert saved["rm/eval_accuracy"] == rm_metrics["rm/eval_accuracy"] and "rm/wall_time_s" in saved
 
-    # the artifact loads back with its statistics and gives the scores the metrics were computed from
+    # the artifact loads back and gives the scores its statistics were computed from
     model = ValueModel.from_pretrained(tmp_path / "rm").eval()
     assert model.pooling == "last"
-    assert model.metadata["chosen_mean"] == pytest.approx(rm_metrics["rm/chosen_mean"])
-    tokenizer = train_word_tokenizer(task.corpus())
-    pairs = [encode_pair(tokenizer, r["prompt"], r["chosen"], 32)[:2] for r in task.preference_pairs("eval")]
-    batch = pad_pairs(pairs, tokenizer.pad_token_id)
+    assert model.metadata["chosen_mean"] == rm_metrics["rm/chosen_mean"]
+    tokenizer = load_tokenizer(tmp_path / "rm")
+    chosen = [
+        encode_pair(tokenizer, r["prompt"], r["chosen"], 32)[:2] for r in task.preference_pairs("train")
+    ]
+    batch = pad_pairs(chosen, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = model.score(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    assert scores.mean().item() > 0  # chosen responses score above the rejected, whose mean is below
+    assert scores.mean().item() == pytest.approx(rm_metrics["rm/chosen_mean"], abs=1e-5)
+    assert scores.std().item() == pytest.approx(rm_metrics["rm/chosen_std"], abs=1e-5)
 
 
 def test_prepare_stages_builds_once_and_reuses(tmp_path):

@@ -1,0 +1,344 @@
+"""Comparing runs across knob values: the selection, the per-seed effects and the verdict they give.
+
+The machinery every catalogue row (analysis.verdicts) shares:
+
+1. Only runs with status ok count. `Study.groups` selects runs by knob values (config columns). Runs
+   that also differ in another swept knob are split into contexts, one `Group` per combination of the
+   others (for example one per algorithm); `judge` applies a row's rule in each context, and the
+   contexts must agree, or the verdict is inconclusive. Runs of one knob value and seed that differ in
+   nothing else swept (a repeated job, or, where a row compares algorithms, algorithm hyperparameters)
+   are averaged, and the note says so.
+2. Equal samples: every run of a group is cut at the smallest number of generated samples any of them
+   reached before any measure is taken ("final", "gain" and "samples-to-half-gain" as defined in
+   analysis.stats).
+3. Per seed, then across seeds: a rule is written in terms of `Effect`s, numbers computed per seed
+   (paired across knob values: only seeds present for every compared value count) whose sign says
+   whether that part of the claim holds. Across seeds an effect is clearly positive when every seed's
+   value is positive and its 95% t interval lies above 0, clearly negative likewise; anything else
+   (seeds disagree, or the interval straddles 0) is noise. The rule combines its effects' directions
+   (`holds`, `all_of`, `any_of`, `no_worse`) into supported, contradicted or inconclusive. One seed has
+   no interval, so it is always inconclusive; the note then gives the verdict the point estimates
+   (each effect judged by the sign of its mean) lean to.
+4. "not run" when no group has what the rule needs (the knob, a needed value, or a metric).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.records import knob_columns, sort_key, swept_knobs, value_key
+from analysis.stats import CI, final_value, gain, mean_ci, samples_to_half_gain
+
+VERDICTS = ("supported", "contradicted", "inconclusive", "not run")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One catalogue row's verdict with the numbers behind it, the seeds and where the runs came from."""
+
+    id: str
+    claim: str
+    verdict: str
+    numbers: dict = field(default_factory=dict)
+    seeds: int = 0
+    source: str = ""
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- effects and decisions
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A per-seed number whose sign says whether one part of a claim holds for that seed."""
+
+    name: str
+    per_seed: Mapping[int, float]
+
+    @property
+    def ci(self) -> CI:
+        return mean_ci(self.per_seed.values())
+
+    def strict(self) -> int:
+        """+1 clearly positive, -1 clearly negative (every seed, and the 95% interval), 0 noise."""
+        values = [v for v in self.per_seed.values() if not math.isnan(v)]
+        ci = self.ci
+        if ci.n < 2 or math.isnan(ci.half):
+            return 0
+        if all(v > 0 for v in values) and ci.lo > 0:
+            return 1
+        if all(v < 0 for v in values) and ci.hi < 0:
+            return -1
+        return 0
+
+    def lean(self) -> int:
+        """The sign of the mean alone: what the point estimates say."""
+        return int(np.sign(self.ci.mean)) if self.ci.n else 0
+
+
+# how a rule reads an effect's direction: Effect.strict for the verdict, Effect.lean for the note
+Direction = Callable[[Effect], int]
+Decide = Callable[[Direction], str]
+
+
+def holds(sign: int) -> str:
+    """A single-part claim: its verdict from the part's direction."""
+    return {1: "supported", -1: "contradicted"}.get(sign, "inconclusive")
+
+
+def all_of(*signs: int) -> str:
+    """A conjunction: supported when every part clearly holds, contradicted when one clearly fails."""
+    if -1 in signs:
+        return "contradicted"
+    return "supported" if all(s == 1 for s in signs) else "inconclusive"
+
+
+def any_of(*signs: int) -> str:
+    """A disjunction: supported when one part clearly holds, contradicted when every part clearly fails."""
+    if 1 in signs:
+        return "supported"
+    return "contradicted" if all(s == -1 for s in signs) else "inconclusive"
+
+
+def no_worse(sign: int) -> int:
+    """A "no worse" condition holds unless the effect is clearly negative."""
+    return -1 if sign == -1 else 1
+
+
+@dataclass
+class Finding:
+    """What a rule found in one context: how to decide from its effects, and the numbers behind it."""
+
+    decide: Decide
+    effects: list[Effect]
+    numbers: dict[str, Any]
+    seeds: int
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- selecting runs
+
+
+@dataclass
+class Group:
+    """The runs of one comparison context: knob value -> seed -> run ids, cut at a common sample count."""
+
+    label: str
+    cells: dict[Any, dict[int, list[str]]]
+    histories: dict[str, pd.DataFrame]
+    budget: float
+    sources: set[str]
+    note: str = ""
+
+    def values(self) -> list:
+        return sorted(self.cells, key=sort_key)
+
+    def measure(self, value: Any, fn: Callable[[pd.DataFrame], float]) -> dict[int, float]:
+        """Per seed: `fn` of each run of the cell, averaged over the runs of one seed."""
+        per_seed = {}
+        for seed, run_ids in self.cells.get(value, {}).items():
+            results = [fn(self.histories[r]) for r in run_ids]
+            finite = [x for x in results if not math.isnan(x)]
+            per_seed[seed] = float(np.mean(finite)) if finite else float("nan")
+        return per_seed
+
+    def paired(self, values: Sequence, fn: Callable[[pd.DataFrame], float]) -> tuple[dict, list[int]]:
+        """`measure` for each of `values` and the seeds all of them have."""
+        per_value = {v: self.measure(v, fn) for v in values}
+        seeds = set.intersection(*(set(p) for p in per_value.values())) if per_value else set()
+        return per_value, sorted(seeds)
+
+    def has_metric(self, metric: str) -> bool:
+        return all(metric in h.columns and h[metric].notna().any() for h in self.histories.values())
+
+    def half_gain_samples(self, metric: str) -> Callable[[pd.DataFrame], float]:
+        """Samples-to-half-gain; the budget for a run whose gain is not positive (it never gets there)."""
+
+        def fn(history: pd.DataFrame) -> float:
+            value = samples_to_half_gain(history, metric)
+            return self.budget if math.isnan(value) else value
+
+        return fn
+
+
+class Study:
+    """The ok runs and their RL rows, split into the comparison groups a row asks for."""
+
+    def __init__(self, runs: pd.DataFrame, history: pd.DataFrame) -> None:
+        ok = runs[(runs["status"] == "ok") & runs["seed"].notna()]
+        self.runs = ok.reset_index(drop=True)  # contexts are built from row labels, which must be unique
+        self.histories = (
+            {str(r): rows for r, rows in history.groupby("run", sort=False)} if len(history) else {}
+        )
+
+    def groups(
+        self, knobs: Sequence[str], where: Mapping[str, Any] | None = None, min_values: int = 2
+    ) -> list[Group]:
+        """Groups of runs with the `knobs` set, matching `where`, in each context of the other swept knobs.
+
+        A group needs at least `min_values` distinct values of the knobs (a tuple when there are several).
+        """
+        runs = self.runs[self.runs["run"].astype(str).isin(self.histories)]
+        for column, wanted in (where or {}).items():
+            if column not in runs.columns:
+                return []
+            runs = runs[runs[column].map(value_key) == wanted]
+        if any(k not in runs.columns for k in knobs):
+            return []
+        runs = runs[runs[list(knobs)].notna().all(axis=1)]
+        exclude = [*knobs, *(where or {})]
+        if "algorithm.name" in knobs:
+            # algorithms differ in their own hyperparameters by construction
+            exclude += [c for c in knob_columns(runs) if c.startswith("algorithm.")]
+        controls = swept_knobs(runs, exclude)
+        contexts: dict[tuple, list[int]] = defaultdict(list)
+        for index, key in zip(runs.index, runs[controls].itertuples(index=False, name=None)):
+            contexts[tuple(map(value_key, key))].append(index)
+        groups = [self._group(runs.loc[rows], knobs, controls, key) for key, rows in contexts.items()]
+        return [g for g in groups if len(g.cells) >= min_values]
+
+    def _group(self, runs: pd.DataFrame, knobs: Sequence[str], controls: list[str], key: tuple) -> Group:
+        cells: dict[Any, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for _, run in runs.iterrows():
+            values = tuple(value_key(run[k]) for k in knobs)
+            cells[values[0] if len(values) == 1 else values][int(run["seed"])].append(str(run["run"]))
+        full = {r: self.histories[r] for r in runs["run"].astype(str)}
+        budget = min(float(h["samples"].max()) for h in full.values())
+        notes = []
+        if any(float(h["samples"].max()) > budget for h in full.values()):
+            notes.append(f"runs cut at {budget:.0f} samples (equal samples)")
+        repeated = [ids for by_seed in cells.values() for ids in by_seed.values() if len(ids) > 1]
+        if repeated:
+            run_ids = runs["run"].astype(str)
+            differing = sorted({k for ids in repeated for k in swept_knobs(runs[run_ids.isin(ids)])})
+            notes.append(
+                f"{len(repeated)} value/seed cells average several runs"
+                + (f" (they differ in {', '.join(differing)})" if differing else "")
+            )
+        return Group(
+            label=", ".join(f"{c}={v}" for c, v in zip(controls, key)),
+            cells={v: dict(s) for v, s in cells.items()},
+            histories={r: h[h["samples"] <= budget] for r, h in full.items()},
+            budget=budget,
+            sources=set(runs["source"].astype(str)),
+            note="; ".join(notes),
+        )
+
+
+# --------------------------------------------------------------------------- shared rule pieces
+
+
+def seed_effect(name: str, per_value: dict, seeds: Iterable[int], combine: Callable[[dict], float]) -> Effect:
+    """An effect from the per-value measures of each seed: `combine({value: measure})`."""
+    return Effect(name, {s: combine({v: m[s] for v, m in per_value.items()}) for s in seeds})
+
+
+def means(label: str, per_value: dict, seeds: Sequence[int]) -> dict[str, CI]:
+    """Numbers: the mean and interval of a measure for each knob value, over the common seeds."""
+    return {f"{label} [{v}]": mean_ci(m[s] for s in seeds) for v, m in per_value.items()}
+
+
+def difference(
+    group: Group, label: str, x: Any, y: Any, fn: Callable[[pd.DataFrame], float]
+) -> tuple[Effect, dict[str, Any], list[int]]:
+    """The effect measure(x) - measure(y) per seed, with each side's numbers."""
+    per_value, seeds = group.paired([x, y], fn)
+    effect = seed_effect(f"{label} [{x}] - [{y}]", per_value, seeds, lambda m: m[x] - m[y])
+    return effect, means(label, per_value, seeds), seeds
+
+
+def two_values(
+    group: Group,
+    parts: Sequence[tuple[str, Callable[[pd.DataFrame], float], Any, Any]],
+    decide: Callable[..., str],
+) -> Finding | None:
+    """Compare two knob values on each part (label, measure, x, y): the effect is measure(x) - measure(y)
+    per seed, oriented so that positive is the claim's direction, and `decide(*signs)` turns the parts'
+    signs, in order, into the verdict. None when the group lacks one of the values."""
+    if any(v not in group.cells for _, _, x, y in parts for v in (x, y)):
+        return None
+    effects, numbers, seeds = [], {}, []
+    for label, fn, x, y in parts:
+        effect, part_numbers, seeds = difference(group, label, x, y, fn)
+        effects.append(effect)
+        numbers.update(part_numbers)
+    return finding(lambda direction: decide(*map(direction, effects)), effects, numbers, len(seeds))
+
+
+def reporting(found: Finding | None, group: Group, value: Any, parts: Sequence[tuple]) -> Finding | None:
+    """Add the measures of `parts` at a knob value the row reports but its rule does not use."""
+    if found is not None and value in group.cells:
+        for label, fn, *_ in parts:
+            found.numbers[f"{label} [{value}]"] = mean_ci(group.measure(value, fn).values())
+    return found
+
+
+def finding(decide: Decide, effects: list[Effect], numbers: dict, seeds: int, note: str = "") -> Finding:
+    """A Finding whose numbers also hold every effect's mean and 95% interval."""
+    return Finding(decide, effects, {**numbers, **{e.name: e.ci for e in effects}}, seeds, note)
+
+
+DIRECTION = {1: "clearly positive", -1: "clearly negative", 0: "noise"}
+
+
+def judge(
+    row: str, claim: str, groups: list[Group], rule: Callable[[Group], Finding | None], missing: str
+) -> Verdict:
+    """Apply `rule` in every group and combine: the groups must agree, else inconclusive."""
+    found = [(g, f) for g in groups for f in [rule(g)] if f is not None]
+    if not found:
+        return Verdict(row, claim, "not run", note=f"needs {missing}")
+    strict = {f.decide(Effect.strict) for _, f in found}
+    lean = {f.decide(Effect.lean) for _, f in found}
+    verdict = next(iter(strict)) if len(strict) == 1 else "inconclusive"
+    seeds = min(f.seeds for _, f in found)
+    notes = [n for g, f in found for n in (g.note, f.note) if n]
+    if len(found) > 1:
+        notes.append("contexts: " + "; ".join(f"{g.label}: {f.decide(Effect.strict)}" for g, f in found))
+    for g, f in found:
+        if len(f.effects) > 1:  # say which part of a composite rule decided
+            parts = "; ".join(f"{e.name}: {DIRECTION[e.strict()]}" for e in f.effects)
+            notes.append(f"{g.label + ' ' if len(found) > 1 else ''}parts: {parts}")
+    if verdict == "inconclusive" and len(lean) == 1 and (lean_verdict := next(iter(lean))) != "inconclusive":
+        if len(strict) > 1:
+            reason = "the contexts disagree"
+        elif seeds < 2:
+            reason = "one seed has no interval"
+        else:
+            reason = "the effect is inside the noise"
+        notes.append(f"{reason}; the point estimates lean {lean_verdict}")
+    numbers = {}
+    for g, f in found:
+        prefix = f"{g.label}: " if len(found) > 1 and g.label else ""
+        numbers.update({prefix + k: v for k, v in f.numbers.items()})
+    return Verdict(
+        row,
+        claim,
+        verdict,
+        numbers,
+        seeds,
+        ", ".join(sorted(set().union(*(g.sources for g, _ in found)))),
+        "; ".join(notes),
+    )
+
+
+def final_of(metric: str) -> Callable[[pd.DataFrame], float]:
+    return partial(final_value, metric=metric)
+
+
+def gain_of(metric: str) -> Callable[[pd.DataFrame], float]:
+    return partial(gain, metric=metric)
+
+
+def extreme_values(group: Group) -> tuple[Any, Any] | None:
+    """The smallest and largest value of a numeric knob in the group."""
+    values = [v for v in group.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return (values[0], values[-1]) if len(values) >= 2 else None

@@ -1,0 +1,158 @@
+"""`python -m analysis.report`: a sweep's run records as figures, tables and the catalogue's verdicts.
+
+    python -m analysis.report PATH... [--out DIR]
+    python -m analysis.report --wandb ENTITY/PROJECT --group GROUP [--out DIR]
+
+PATH is a sweep folder, a job folder, several of them, or a glob pattern (quoted, so the shell leaves it
+alone). The report goes to DIR/report.md (default: `<first PATH>/report`, or `report-<GROUP>` for a W&B
+group), with its figures as PNG files beside it: a table per series of runs (algorithm and swept knobs),
+the failed and incomplete jobs, and the verdict of every row of the ablation catalogue
+(shared/ABLATIONS.md; "not run" where the runs it needs are absent). The tables are printed too.
+Exit code 2 when a path does not exist, or no run records are found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.plots import make_figures
+from analysis.records import Records, load_local, load_wandb, series
+from analysis.stats import CI, final_value, gain, mean_ci
+from analysis.verdicts import Verdict, evaluate_all
+
+FINAL_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
+    """One row per series of ok runs: counts, samples, final eval values and reward gain with 95% CIs."""
+    histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
+    by_id = runs.set_index(runs["run"].astype(str))
+    headers = ["series", "runs", "seeds", "samples", *(f"final {m}" for m in FINAL_METRICS)]
+    headers += ["gain eval/reward_mean", "wall time (s)"]
+    rows = []
+    for label, run_ids in series(runs).items():
+        here = [histories[r] for r in run_ids if r in histories]
+        finals = [mean_ci(final_value(h, m) for h in here) for m in FINAL_METRICS]
+        wall = by_id.loc[run_ids, "wall_time_s"] if "wall_time_s" in by_id.columns else pd.Series(dtype=float)
+        rows.append(
+            [
+                label,
+                len(run_ids),
+                by_id.loc[run_ids, "seed"].nunique(),
+                f"{max((h['samples'].max() for h in here), default=0):.0f}",
+                *finals,
+                mean_ci(gain(h, "eval/reward_mean") for h in here),
+                f"{wall.mean():.0f}",
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+def failures_table(runs: pd.DataFrame) -> str:
+    failed = runs[runs["status"] != "ok"]
+    rows = failed[["path", "status", "algorithm", "seed", "error"]].itertuples(index=False, name=None)
+    return markdown_table(["path", "status", "algorithm", "seed", "reason"], list(rows))
+
+
+def _numbers(numbers: dict) -> str:
+    return "; ".join(f"{k} = {_cell(v) if not isinstance(v, CI) else v}" for k, v in numbers.items())
+
+
+def verdict_table(verdicts: Sequence[Verdict]) -> str:
+    rows = [(v.id, v.claim, v.verdict, _numbers(v.numbers), v.seeds, v.source, v.note) for v in verdicts]
+    return markdown_table(["id", "claim", "verdict", "numbers", "seeds", "source", "note"], rows)
+
+
+def build_report(records: Records, out: Path) -> str:
+    """Write the figures and `out/report.md`; return the report's tables as text."""
+    runs = records.runs
+    ok = runs[runs["status"] == "ok"]
+    ok_history = records.history[records.history["run"].isin(ok["run"])]
+    counts = runs["status"].value_counts()
+    sections = [
+        "## Runs by series\n\nFinal = mean over each run's last 10% of iterations; ± = 95% t interval "
+        "over seeds.\n\n" + series_table(ok, ok_history)
+    ]
+    if len(ok) < len(runs):
+        sections.append("## Failed or incomplete runs\n\n" + failures_table(runs))
+    verdicts = evaluate_all(runs, records.history, records.benchmarks)
+    sections.append(
+        "## Verdicts (shared/ABLATIONS.md)\n\nEach rule is applied per seed, then across seeds, at equal "
+        "samples; inconclusive when seeds disagree or the effect is inside the 95% interval.\n\n"
+        + verdict_table(verdicts)
+    )
+    figures = make_figures(ok, ok_history, out) if len(ok_history) else {}
+    header = [
+        "# Sweep report",
+        f"Source: {records.source}",
+        "Runs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "failed", "incomplete")),
+        "## Figures",
+        *(f"![{title}]({path.name})" for title, path in figures.items()),
+        *([] if figures else ["None: no finished run has RL rows."]),
+    ]
+    text = "\n\n".join(sections)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n\n".join(header) + "\n\n" + text + "\n")
+    return text
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    if args.wandb:
+        return Path(f"report-{args.group}")
+    # a glob pattern's folder is its leading part without wildcards
+    fixed = itertools.takewhile(lambda part: not glob.has_magic(part), Path(args.paths[0]).parts)
+    return Path(*fixed, "report")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", help="sweep folders, job folders or glob patterns")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read a W&B group instead of folders")
+    parser.add_argument("--group", help="the W&B group (the sweep's name)")
+    parser.add_argument("--out", type=Path, help="report folder (default: <first PATH>/report)")
+    args = parser.parse_args(argv)
+    if bool(args.wandb) == bool(args.paths):
+        parser.error("give run record PATHs or --wandb ENTITY/PROJECT --group GROUP")
+    if args.wandb and not args.group:
+        parser.error("--wandb needs --group")
+    try:
+        records = load_wandb(args.wandb, args.group) if args.wandb else load_local(args.paths)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # W&B's errors (no API key, no network, no such project) share no base class
+        if not args.wandb:
+            raise
+        print(f"error: could not read W&B {args.wandb}, group {args.group}: {exc}", file=sys.stderr)
+        return 2
+    if records.runs.empty:
+        print(f"error: no run records found in {records.source}", file=sys.stderr)
+        return 2
+    out = args.out or _default_out(args)
+    print(build_report(records, out))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Per-run measures of a metric's history and their aggregation across seeds.
+
+A run's history is its frame of RL rows (`iteration`, `samples`, metrics), in iteration order; a metric
+is read from the rows that have it (an eval metric is on eval rows only).
+
+- `final_value`: the mean of the metric over the rows whose iteration lies in the last 10% of the run's
+  iterations (iteration > 0.9 * last iteration); when none of them has the metric (an eval every 5
+  iterations in a 30-iteration run), the last row that has it.
+- `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = final - initial.
+- `samples_to_half_gain`: the first number of generated samples at which the metric, linearly
+  interpolated between its rows, reaches initial + gain / 2; NaN when the gain is not positive.
+- `step_std`: the standard deviation of the iteration-to-iteration changes of a series (its first
+  differences), a roughness measure that a steady trend does not inflate.
+- `mean_ci`: the mean across seeds and the half-width of its 95% Student-t interval,
+  t.ppf(0.975, n-1) * sd / sqrt(n) with the sample sd (ddof=1). One value (n=1) has no interval:
+  the half-width is NaN, and the verdicts read that as "cannot tell the effect from the noise".
+- `interpolate` / `band`: curves of several runs on a common samples grid (NaN outside a run's own
+  range, never extrapolated), and their mean and interval at every grid point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats as st
+
+FINAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class CI:
+    """A mean across seeds with the half-width of its 95% interval (NaN for fewer than two values)."""
+
+    mean: float
+    half: float
+    n: int
+
+    @property
+    def lo(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def hi(self) -> float:
+        return self.mean + self.half
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "n/a"
+        if np.isnan(self.half):
+            return f"{self.mean:.3g} (n={self.n})"
+        return f"{self.mean:.3g} ± {self.half:.2g} (n={self.n})"
+
+
+def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise mean, 95% half-width and count of a (runs x points) array, ignoring NaN."""
+    matrix = np.atleast_2d(np.asarray(matrix, dtype=float))
+    n = np.sum(~np.isnan(matrix), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nansum(matrix, axis=0) / n
+        sd = np.sqrt(np.nansum((matrix - mean) ** 2, axis=0) / (n - 1))
+        half = st.t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+    half = np.where(n >= 2, half, np.nan)
+    return np.where(n >= 1, mean, np.nan), half, n
+
+
+def mean_ci(values: Iterable[float]) -> CI:
+    """Mean and 95% Student-t half-width of the finite `values` (NaN values are left out)."""
+    array = np.asarray(list(values), dtype=float)
+    array = array[np.isfinite(array)]
+    if array.size == 0:
+        return CI(float("nan"), float("nan"), 0)
+    mean, half, n = band(array[:, None])
+    return CI(float(mean[0]), float(half[0]), int(n[0]))
+
+
+def series(history: pd.DataFrame, metric: str, x: str = "iteration") -> pd.DataFrame:
+    """The rows of `history` that have `metric`, as columns x and y sorted by x."""
+    if metric not in history.columns or x not in history.columns:
+        return pd.DataFrame({"x": [], "y": []}, dtype=float)
+    rows = history[[x, metric]].dropna()
+    return pd.DataFrame({"x": rows[x].astype(float), "y": rows[metric].astype(float)}).sort_values("x")
+
+
+def interpolate(x: Iterable[float], y: Iterable[float], grid: Iterable[float]) -> np.ndarray:
+    """`y(x)` linearly interpolated at `grid`; NaN outside [min x, max x] and where there is no data."""
+    x, y, grid = (np.asarray(list(a), dtype=float) for a in (x, y, grid))
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    if x.size == 0:
+        return np.full(grid.shape, np.nan)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    values = np.interp(grid, x, y)
+    return np.where((grid >= x[0]) & (grid <= x[-1]), values, np.nan)
+
+
+def samples_grid(histories: Iterable[pd.DataFrame], points: int = 101) -> np.ndarray:
+    """`points` evenly spaced sample counts from 0 to the largest count any of `histories` reached."""
+    ends = [h["samples"].max() for h in histories if "samples" in h and h["samples"].notna().any()]
+    return np.linspace(0.0, float(max(ends)) if ends else 0.0, points)
+
+
+def curve(history: pd.DataFrame, metric: str, grid: np.ndarray) -> np.ndarray:
+    """A run's metric on the samples grid."""
+    rows = series(history, metric, x="samples")
+    return interpolate(rows["x"], rows["y"], grid)
+
+
+def final_value(history: pd.DataFrame, metric: str) -> float:
+    """Mean of `metric` over the last 10% of the run's iterations (at least its last value)."""
+    rows = series(history, metric)
+    if rows.empty:
+        return float("nan")
+    last_iteration = float(history["iteration"].max())
+    window = rows[rows["x"] > (1 - FINAL_FRACTION) * last_iteration]
+    return float(window["y"].mean() if not window.empty else rows["y"].iloc[-1])
+
+
+def initial_value(history: pd.DataFrame, metric: str) -> float:
+    """The metric at iteration 0 (the SFT policy's evaluation); NaN when the run has none."""
+    rows = series(history, metric)
+    at_zero = rows[rows["x"] == 0]
+    return float(at_zero["y"].iloc[0]) if not at_zero.empty else float("nan")
+
+
+def gain(history: pd.DataFrame, metric: str) -> float:
+    return final_value(history, metric) - initial_value(history, metric)
+
+
+def samples_to_half_gain(history: pd.DataFrame, metric: str) -> float:
+    """First samples count at which the interpolated metric reaches initial + gain / 2 (NaN if gain <= 0)."""
+    total = gain(history, metric)
+    if not total > 0:
+        return float("nan")
+    target = initial_value(history, metric) + total / 2
+    rows = series(history, metric, x="samples")
+    x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
+    reached = np.flatnonzero(y >= target)
+    if reached.size == 0:
+        return float("nan")
+    i = reached[0]
+    if i == 0:
+        return float(x[0])
+    # the crossing on the straight segment from the last row below the target to the first at or above it
+    return float(x[i - 1] + (target - y[i - 1]) / (y[i] - y[i - 1]) * (x[i] - x[i - 1]))
+
+
+def step_std(history: pd.DataFrame, metric: str) -> float:
+    """Standard deviation (ddof=1) of the iteration-to-iteration changes of `metric`."""
+    changes = np.diff(series(history, metric)["y"].to_numpy())
+    return float(np.std(changes, ddof=1)) if changes.size >= 2 else float("nan")
+
+
+def mean_value(history: pd.DataFrame, metric: str) -> float:
+    """Mean of `metric` over every row that has it."""
+    return float(series(history, metric)["y"].mean())
+
+
+def max_value(history: pd.DataFrame, metric: str) -> float:
+    return float(series(history, metric)["y"].max())

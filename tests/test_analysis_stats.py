@@ -1,0 +1,104 @@
+"""Per-run measures and across-seed aggregation, checked against direct formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from analysis.stats import (
+    band,
+    curve,
+    final_value,
+    gain,
+    initial_value,
+    interpolate,
+    mean_ci,
+    samples_grid,
+    samples_to_half_gain,
+    step_std,
+)
+
+
+def history(values, metric="m", every=1, samples_per_iteration=10):
+    """Rows for iterations 0..len(values)-1 with `metric` on every `every`-th row."""
+    rows = [
+        {"iteration": i, "samples": i * samples_per_iteration, **({metric: v} if i % every == 0 else {})}
+        for i, v in enumerate(values)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_mean_ci_matches_student_t():
+    values = [1.0, 2.5, 2.0, 4.0]
+    ci = mean_ci(values)
+    n, sd = len(values), np.std(values, ddof=1)
+    assert ci.mean == pytest.approx(np.mean(values))
+    assert ci.half == pytest.approx(st.t.ppf(0.975, n - 1) * sd / math.sqrt(n))
+    assert (ci.lo, ci.hi, ci.n) == (pytest.approx(ci.mean - ci.half), pytest.approx(ci.mean + ci.half), 4)
+
+
+def test_mean_ci_one_value_has_no_interval_and_nan_is_left_out():
+    one = mean_ci([2.0, float("nan")])
+    assert one.mean == 2.0 and one.n == 1 and math.isnan(one.half)
+    assert str(one) == "2 (n=1)"
+    assert mean_ci([]).n == 0 and str(mean_ci([])) == "n/a"
+
+
+def test_band_is_columnwise_mean_ci():
+    matrix = np.array([[1.0, 2.0, np.nan], [3.0, 2.0, 5.0], [2.0, 5.0, np.nan]])
+    mean, half, n = band(matrix)
+    for column in range(3):
+        expected = mean_ci(matrix[:, column])
+        assert mean[column] == pytest.approx(expected.mean)
+        assert n[column] == expected.n
+        assert (math.isnan(half[column]) and math.isnan(expected.half)) or half[column] == pytest.approx(
+            expected.half
+        )
+
+
+def test_interpolate_inside_range_only():
+    grid = np.array([-5.0, 0.0, 5.0, 10.0, 15.0, 25.0])
+    out = interpolate([0, 10, 20], [0.0, 1.0, float("nan")], grid)
+    # the NaN point is dropped, so the run's range ends at 10
+    np.testing.assert_allclose(out, [np.nan, 0.0, 0.5, 1.0, np.nan, np.nan])
+    assert np.isnan(interpolate([], [], [1.0])).all()
+
+
+def test_curve_on_samples_grid():
+    rows = history([0.0, 1.0, 2.0, 3.0, 4.0], every=2)  # metric at samples 0, 20, 40
+    grid = samples_grid([rows, history([0.0] * 10)], points=10)
+    assert grid[0] == 0 and grid[-1] == 90
+    values = curve(rows, "m", grid)
+    np.testing.assert_allclose(values[:5], [0.0, 1.0, 2.0, 3.0, 4.0])
+    assert np.isnan(values[5:]).all()
+
+
+def test_final_value_is_mean_of_last_tenth():
+    values = list(range(21))  # iterations 0..20: last 10% = iterations 19, 20
+    assert final_value(history(values), "m") == pytest.approx(19.5)
+    # eval every 5 iterations: no eval in iterations 19-20 except 20
+    assert final_value(history(values, every=5), "m") == 20
+    # eval every 3 (0, 3, ..., 18): none in the last 10%, so the last eval
+    assert final_value(history(values, every=3), "m") == 18
+    assert math.isnan(final_value(history(values), "other"))
+
+
+def test_gain_and_half_gain():
+    rows = history([1.0, 1.0, 2.0, 5.0, 5.0])  # samples 0..40
+    assert initial_value(rows, "m") == 1.0
+    assert gain(rows, "m") == pytest.approx(4.0)  # last 10% of 4 iterations: iteration 4 only
+    # target 3: crossed between samples 20 (2.0) and 30 (5.0), a third of the way
+    assert samples_to_half_gain(rows, "m") == pytest.approx(20 + 10 / 3)
+    assert math.isnan(samples_to_half_gain(history([1.0, 0.5, 0.0]), "m"))
+
+
+def test_step_std_of_changes():
+    values = [0.0, 1.0, 0.0, 2.0, 1.0]
+    assert step_std(history(values), "m") == pytest.approx(np.std(np.diff(values), ddof=1))
+    # a straight line has no roughness, whatever its slope
+    assert step_std(history([0.0, 3.0, 6.0, 9.0]), "m") == pytest.approx(0.0)
+    assert math.isnan(step_std(history([1.0, 2.0]), "m"))
