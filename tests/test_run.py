@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_history, read_summary, run_entry
+from wandb_records import items_of, offline_records, records_of
 
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
@@ -103,6 +104,18 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     assert summaries[0]["group"] == summaries[1]["group"] == f"{sweep.parent.name}_{sweep.name}"
     assert [s["seed"] for s in summaries] == [0, 1]
     assert summaries[0]["run_id"] != summaries[1]["run_id"]
+    for i, summary in enumerate(summaries):  # what W&B received (offline run records)
+        records = offline_records(sweep / str(i))
+        (wandb_run,) = records_of(records, "run")
+        assert (wandb_run.run_group, wandb_run.job_type, wandb_run.run_id) == (
+            summary["group"],
+            "ppo_gae",
+            summary["run_id"],
+        )
+        assert items_of(wandb_run.config.update)["seed"] == i
+        history = [items_of(h.item) for h in records_of(records, "history")]
+        metric_rows = [h for h in history if "eval/reward_mean" in h or "train/loss" in h]  # not tables
+        assert [(h["iteration"], h["samples"]) for h in metric_rows] == [(0, 0), (1, 8)]
     built = sorted(p.name.split("-")[0] for p in artifacts.iterdir() if p.is_dir())
     assert built == ["base", "reward", "sft"]  # one of each, shared by both jobs
 
@@ -117,3 +130,33 @@ def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rl_rows(rows)]
 
     assert stripped(read_history(run_dir)) == stripped(read_history(single_run))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "train_key"),
+    [
+        (["algorithm=ppo_sampled", "algorithm.baseline=critic"], "train/value_loss"),
+        (["algorithm=ppo_sampled", "algorithm.baseline=leave_one_out"], "train/baseline_mean"),
+        (["algorithm=rrhf", "algorithm.mode=offline"], "train/rank_loss"),
+    ],
+)
+def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artifacts_dir):
+    run_dir = tmp_path / "run"
+    run_entry(
+        [
+            *SMALL,
+            *overrides,
+            "iterations=2",
+            "logger.mode=disabled",
+            f"paths.artifacts={artifacts_dir}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    rows = rl_rows(read_history(run_dir))
+    assert all(train_key in r for r in rows[1:])
+    if "algorithm.mode=offline" in overrides:
+        # the whole sample budget comes from the initial policy, before the first update
+        assert [r["samples"] for r in rows] == [0, 16, 16]
+    else:
+        assert [r["samples"] for r in rows] == [0, 8, 16]

@@ -1,7 +1,7 @@
 """Tracker against real offline wandb: what W&B received is read back from the run's `.wandb` file.
 
 wandb 0.31 has no Python reader for that file (the old `wandb.sdk.internal.datastore` went with the
-Python backend), so `_wandb_records` reads its leveldb-log framing and parses each record with
+Python backend), so `offline_records` reads its leveldb-log framing and parses each record with
 `wandb.proto.wandb_internal_pb2.Record`, the same protobuf `wandb sync` uploads.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import wandb
-from wandb.proto import wandb_internal_pb2 as pb
+from wandb_records import items_of, offline_records, records_of
 
 from backbone.tracking import Tracker
 
@@ -57,37 +56,6 @@ def _tracker(run_dir: Path, mode: str = "offline", **kwargs: Any) -> Tracker:
     return Tracker(run_dir, mode=mode, **{**IDENTITY, "config": CONFIG, **kwargs})
 
 
-def _wandb_records(run_dir: Path) -> list[pb.Record]:
-    """The records of the newest offline run under `run_dir`, in the order W&B wrote them."""
-    # folders are named offline-run-<yyyymmdd_hhmmss>-<id>: the last in name order is the newest
-    path = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
-    data = path.read_bytes()
-    # file header: ident, magic, version; then 32 KiB blocks of chunks (crc32, length, type, data)
-    assert struct.unpack("<4sH", data[:6]) == (b":W&B", 0xBEE1)
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if block - pos % block < 7 or kind == 0:  # zero padding up to the next block
-            pos += block - pos % block
-            continue
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _of(records: list[pb.Record], kind: str) -> list[Any]:
-    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
-
-
-def _items(items: Any) -> dict[str, Any]:
-    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
-
-
 def _history_jsonl(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
@@ -104,9 +72,9 @@ def test_offline_run_gets_identity_config_rows_and_step_metrics(tmp_path: Path) 
         tracker.log({"sft/step": 1, "sft/loss": 2.0})
         for row in ROWS:
             tracker.log(row)
-    records = _wandb_records(tmp_path)
+    records = offline_records(tmp_path)
 
-    (run,) = _of(records, "run")
+    (run,) = records_of(records, "run")
     assert (run.run_id, run.project, run.run_group, run.job_type, run.display_name) == (
         tracker.run_id,
         "tracking-test",
@@ -115,20 +83,20 @@ def test_offline_run_gets_identity_config_rows_and_step_metrics(tmp_path: Path) 
         "ppo_gae-s0",
     )
     assert list(run.tags) == ["test", "seed0"]
-    config = _items(run.config.update)
+    config = items_of(run.config.update)
     assert {k: config[k] for k in CONFIG} == CONFIG
 
-    history = [_items(h.item) for h in _of(records, "history")]
+    history = [items_of(h.item) for h in records_of(records, "history")]
     assert [h.get("samples") for h in history[1:]] == [0, 64, 128]
     assert history[0]["sft/loss"] == 2.0 and "samples" not in history[0]
     assert history[1]["eval/reward_mean"] == 0.25 and math.isnan(history[2]["train/loss"])
 
-    step_of = {m.name: m.step_metric for m in _of(records, "metric") if m.name}
+    step_of = {m.name: m.step_metric for m in records_of(records, "metric") if m.name}
     assert {
         step_of[k] for k in ("iteration", "tokens", "time/elapsed_s", "train/loss", "eval/reward_mean")
     } == {"samples"}
     assert (step_of["sft/loss"], step_of["samples"], step_of["sft/step"]) == ("sft/step", "", "")
-    assert _of(records, "exit")[0].exit_code == 0
+    assert records_of(records, "exit")[0].exit_code == 0
 
     # the local record: the same rows in order, NaN as null, readable by pandas
     local = _history_jsonl(tmp_path)
@@ -153,8 +121,8 @@ def test_summary_is_merged_locally_and_in_wandb(tmp_path: Path) -> None:
         "wall_s": None,
     }
     sent: dict[str, Any] = {}
-    for summary in _of(_wandb_records(tmp_path), "summary"):
-        sent.update(_items(summary.update))
+    for summary in records_of(offline_records(tmp_path), "summary"):
+        sent.update(items_of(summary.update))
     assert sent["algorithm"] == "ppo_gae" and sent["eval/gold_mean"] == 0.5 and sent["wall_s"] == math.inf
 
 
@@ -170,7 +138,7 @@ def test_table_is_logged_at_its_step_and_mirrored(tmp_path: Path) -> None:
         "columns": ["prompt", "response", "reward"],
         "rows": [["2+2", "4", 1.0]],
     }
-    (row,) = [_items(h.item) for h in _of(_wandb_records(tmp_path), "history")]
+    (row,) = [items_of(h.item) for h in records_of(offline_records(tmp_path), "history")]
     assert row["eval/samples/_type"] == "table-file" and row["eval/samples/nrows"] == 1
     assert (row["iteration"], row["samples"]) == (5, 640)
 
@@ -185,9 +153,9 @@ def test_sequential_trackers_do_not_leak(tmp_path: Path) -> None:
     first.finish()
     assert first.run_id != second.run_id
     for job, run_id, samples in (("job0", first.run_id, 0), ("job1", second.run_id, 32)):
-        records = _wandb_records(tmp_path / job)
-        assert _of(records, "run")[0].run_id == run_id
-        assert [_items(h.item)["samples"] for h in _of(records, "history")] == [samples]
+        records = offline_records(tmp_path / job)
+        assert records_of(records, "run")[0].run_id == run_id
+        assert [items_of(h.item)["samples"] for h in records_of(records, "history")] == [samples]
         assert _history_jsonl(tmp_path / job) == [{"iteration": 0, "samples": samples}]
 
 
@@ -196,7 +164,7 @@ def test_exception_in_context_finishes_with_exit_code_1(tmp_path: Path) -> None:
         tracker.log({"iteration": 0, "samples": 0})
         raise RuntimeError("training died")
     tracker.finish()  # a second finish (e.g. in a `finally`) is harmless
-    assert _of(_wandb_records(tmp_path), "exit")[0].exit_code == 1
+    assert records_of(offline_records(tmp_path), "exit")[0].exit_code == 1
 
 
 def test_disabled_mode_writes_only_the_local_record(tmp_path: Path) -> None:
@@ -293,5 +261,5 @@ def test_resume_reuses_the_run_id_and_drops_rows_after_the_checkpoint(tmp_path: 
         resumed.truncate_history("iteration", 1)
         resumed.log({"iteration": 2, "samples": 128})
     assert resumed.run_id == first.run_id
-    assert {run.run_id for run in _of(_wandb_records(tmp_path), "run")} == {first.run_id}
+    assert {run.run_id for run in records_of(offline_records(tmp_path), "run")} == {first.run_id}
     assert [row["iteration"] for row in _history_jsonl(tmp_path)] == [0, 1, 2]

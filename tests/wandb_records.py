@@ -1,0 +1,45 @@
+"""Reading what W&B received: the records of an offline run, as ``wandb sync`` would upload them.
+
+wandb 0.31 ships no reader for its ``.wandb`` files, so this walks the file's block framing
+and parses each record with wandb's own protobuf ``Record``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+
+def offline_records(run_dir: Path) -> list[pb.Record]:
+    """The records of the newest offline run under `run_dir`, in the order W&B wrote them."""
+    # folders are named offline-run-<yyyymmdd_hhmmss>-<id>: the last in name order is the newest
+    path = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
+    data = path.read_bytes()
+    # file header: ident, magic, version; then 32 KiB blocks of chunks (crc32, length, type, data)
+    assert struct.unpack("<4sH", data[:6]) == (b":W&B", 0xBEE1)
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if block - pos % block < 7 or kind == 0:  # zero padding up to the next block
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def records_of(records: list[pb.Record], kind: str) -> list[Any]:
+    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
+
+
+def items_of(items: Any) -> dict[str, Any]:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
