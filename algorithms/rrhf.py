@@ -75,7 +75,7 @@ class RRHF(Algorithm):
         ppo_epochs: int,
         minibatch_size: int,
         samples_per_prompt: int = 4,
-        rank_weight: float = 1.0,
+        rank_weight: float = 0.1,
         sft_weight: float = 1.0,
         length_penalty: float = 1.0,
         mode: str = "online",

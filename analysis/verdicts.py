@@ -169,7 +169,10 @@ def tuning_sensitivity(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         }
         return finding(lambda direction: holds(direction(effect)), [effect], numbers, len(seeds))
 
-    groups = Study(runs, history).groups(["algorithm.name", "algorithm.lr"])
+    # the catalogue's sweep scales each algorithm's own lr (optim.lr_scale); a sweep of absolute
+    # values (algorithm.lr) reads the same way
+    scaled = "optim.lr_scale" in runs and runs["optim.lr_scale"].nunique() > 1
+    groups = Study(runs, history).groups(["algorithm.name", "optim.lr_scale" if scaled else "algorithm.lr"])
     return _judge(
         "tuning_sensitivity", groups, rule, "ok runs of RRHF and a PPO at several algorithm.lr values"
     )

@@ -157,6 +157,8 @@ class KLConfig:
 class OptimConfig:
     """AdamW shared by every algorithm; the learning rate itself is an algorithm hyperparameter."""
 
+    # multiplies the algorithm's lr (and critic_lr): a relative learning-rate sweep across algorithms
+    lr_scale: float = 1.0
     # learning rate of the critic; null = the algorithm's lr
     critic_lr: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -293,6 +295,8 @@ class RunConfig:
     seed: int = 0
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
     iterations: int = 60
+    # a sample budget instead of iterations: total_samples / rollout.samples_per_iteration of them
+    total_samples: int | None = None
     # a run folder to continue from its last checkpoint
     resume: str | None = None
     # checkpoint every N iterations (and at the end)

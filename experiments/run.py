@@ -29,25 +29,29 @@ from backbone.reward import RewardShaper
 from backbone.rollout import RolloutCollector
 from backbone.stages import prepare_stages
 from backbone.tracking import Tracker
-from backbone.trainer import Trainer, prompts_per_iteration, seed_everything
+from backbone.trainer import Trainer, planned_iterations, prompts_per_iteration, seed_everything
 
 log = logging.getLogger("experiments.run")
 
 register_configs()
 
 
-def run_identity(cfg: DictConfig) -> tuple[str, str]:
-    """(group, name): a sweep's jobs share the sweep's group; a single run is its own group."""
+def run_identity(cfg: DictConfig) -> tuple[str, str, list[str]]:
+    """(group, name, tags): a sweep's jobs share the sweep's group (its folder's name, e.g.
+    ``three_algorithms_2026-11-24_18-00-00`` for an experiment) and are tagged with their knob values."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir)
         default_group = f"{sweep_dir.parent.name}_{sweep_dir.name}"
         name = f"{cfg.algorithm.name}-seed{cfg.seed}-job{hydra_cfg.job.num}"
+        knob_tags = [o for o in hydra_cfg.overrides.task if not o.startswith(("paths.", "hydra.", "logger."))]
     else:
         default_group = f"{output_dir.parent.name}_{output_dir.name}"
         name = f"{cfg.algorithm.name}-seed{cfg.seed}"
-    return cfg.logger.group or default_group, name
+        knob_tags = []
+    tags = [*cfg.logger.tags, cfg.algorithm.name, cfg.task.name, cfg.model.name, *knob_tags]
+    return cfg.logger.group or default_group, name, tags
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -58,7 +62,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     task = instantiate(cfg.task)
     algorithm = instantiate(cfg.algorithm)  # fails on bad hyperparameters before any model loads
     prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
-    group, name = run_identity(cfg)
+    group, name, tags = run_identity(cfg)
     tracker = Tracker(
         run_dir,
         mode=cfg.logger.mode,
@@ -67,14 +71,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         group=group,
         job_type=cfg.algorithm.name,
         name=name,
-        tags=[*cfg.logger.tags, cfg.algorithm.name, cfg.task.name, cfg.model.name],
+        tags=tags,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     with tracker:
         tracker.summary({"group": group, "name": name, "run_id": tracker.run_id})
         stages = prepare_stages(cfg, task, tracker.log)
         tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
-        if cfg.iterations == 0:
+        if planned_iterations(cfg) == 0:
             return {}
         tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
         stack = build_policy_stack(
