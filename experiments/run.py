@@ -11,8 +11,10 @@ lands in the job's Hydra output folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -103,10 +105,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         return summary
 
 
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """``failure.json`` in the job's folder: what failed, where, and the job's overrides."""
+    failure = {
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": traceback.format_exc(),
+        "overrides": list(HydraConfig.get().overrides.task),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failure.json").write_text(json.dumps(failure, indent=2))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = train(cfg, run_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except Exception as error:
+        # recorded, then re-raised: Hydra's launchers still run the sweep's other jobs and the
+        # sweep exits non-zero
+        record_failure(run_dir, error)
+        raise
     log.info("run record: %s", run_dir.resolve())
     print(f"run record: {run_dir.resolve()}")
     # returned to Hydra sweepers that optimise a metric

@@ -1,6 +1,7 @@
 """The ablation catalogue as sweeps: every experiment's grid composes, and one runs into a report."""
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -81,3 +82,42 @@ def test_a_sample_budget_sets_the_iterations_for_every_rollout_size():
 
     assert [planned_iterations(cfg(n, 3840)) for n in (16, 64, 256)] == [240, 60, 15]
     assert planned_iterations(cfg(64, None)) == 60
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [("local_parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher")],
+)
+def test_launcher_configs_compose(launcher, target):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "-m",
+            "hydra/launcher=local_parallel",
+            *SMALL,
+            "algorithm=ppo_sampled",
+            "algorithm.baseline=sampled_mean,no_such_baseline",
+            "iterations=1",
+            "logger.mode=disabled",
+            f"paths.artifacts={tmp_path / 'artifacts'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0  # the sweep reports that a job failed ...
+    assert read_summary(sweep / "0")["iterations"] == 1  # ... after the good job ran to the end
+    failure = json.loads((sweep / "1" / "failure.json").read_text())
+    assert "no_such_baseline" in failure["error"] and "Traceback" in failure["traceback"]
+    assert "algorithm.baseline=no_such_baseline" in failure["overrides"]
