@@ -204,6 +204,24 @@ class LoggerConfig:
     table_every: int = 5
 
 
+@dataclass
+class PTXConfig:
+    """Mixing the SFT loss into the RL loss (InstructGPT's PTX; DeepSpeed-Chat's unsupervised term)."""
+
+    # loss = algorithm loss + coef * SFT loss on a minibatch of the task's SFT train split; 0 disables
+    coef: float = 0.0
+    batch_size: int = 16
+
+
+@dataclass
+class EMAConfig:
+    """An exponential moving average of the actor's weights (DeepSpeed-Chat), evaluated beside them."""
+
+    enabled: bool = False
+    # theta_ema <- decay * theta_ema + (1 - decay) * theta after every optimiser step
+    decay: float = 0.992
+
+
 # --------------------------------------------------------------------------- algorithms
 
 
@@ -292,6 +310,8 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     seed: int = 0
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
     iterations: int = 60

@@ -73,7 +73,7 @@ def _require(rows: list, task: Task, what: str, split: str) -> list:
     return rows
 
 
-def _encode(tokenizer, rows: list[dict], response: str, max_length: int, what: str) -> tuple[Pairs, int]:
+def encode_rows(tokenizer, rows: list[dict], response: str, max_length: int, what: str) -> tuple[Pairs, int]:
     """Tokenise (row["prompt"], row[response]) once, up front; returns the pairs and the truncated count."""
     pairs, truncated = [], 0
     for row in rows:
@@ -216,6 +216,16 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     return nll, (targets != -100).sum()
 
 
+@torch.no_grad()
+def mean_sft_loss(model: nn.Module, pairs: Pairs, pad: int, device: torch.device, batch_size: int) -> float:
+    """Mean -log p per response token over ``pairs`` (the held-out SFT loss)."""
+    nll, n = 0.0, 0
+    for indices in _batches(len(pairs), batch_size):
+        batch_nll, batch_n = sft_loss(model, _to(pad_pairs([pairs[i] for i in indices], pad), device))
+        nll, n = nll + batch_nll.item(), n + int(batch_n)
+    return nll / max(n, 1)
+
+
 def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str | Path, log: Log) -> dict:
     """Fine-tune the base causal LM on the task's demonstrations; save it and its tokenizer to ``out_dir``."""
     started = time.perf_counter()
@@ -226,8 +236,8 @@ def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str |
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     model = load_causal_lm(base_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
-    train, truncated = _encode(tokenizer, train_rows, "response", max_length, "SFT train")
-    held_out, _ = _encode(tokenizer, eval_rows, "response", max_length, "SFT eval")
+    train, truncated = encode_rows(tokenizer, train_rows, "response", max_length, "SFT train")
+    held_out, _ = encode_rows(tokenizer, eval_rows, "response", max_length, "SFT eval")
     tokens = 0
 
     def loss_fn(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
@@ -237,11 +247,7 @@ def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str |
         return nll / n.clamp(min=1), {"tokens": tokens}
 
     def evaluate() -> dict[str, float]:
-        nll, n = 0.0, 0
-        for indices in _batches(len(held_out), cfg.sft.batch_size):
-            batch_nll, batch_n = sft_loss(model, _to(pad_pairs([held_out[i] for i in indices], pad), device))
-            nll, n = nll + batch_nll.item(), n + int(batch_n)
-        return {"eval_loss": nll / max(n, 1)}
+        return {"eval_loss": mean_sft_loss(model, held_out, pad, device, cfg.sft.batch_size)}
 
     final = _fit(model, cfg.sft, len(train), loss_fn, evaluate, log, "sft")
     tokenizer.save_pretrained(out_dir)
@@ -296,12 +302,12 @@ def train_reward_model(
         trust_remote_code=cfg.model.trust_remote_code,
     ).to(device)
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
-    chosen, cut_chosen = _encode(tokenizer, train_rows, "chosen", max_length, "preference train (chosen)")
-    rejected, cut_rejected = _encode(
+    chosen, cut_chosen = encode_rows(tokenizer, train_rows, "chosen", max_length, "preference train (chosen)")
+    rejected, cut_rejected = encode_rows(
         tokenizer, train_rows, "rejected", max_length, "preference train (rejected)"
     )
-    eval_chosen, _ = _encode(tokenizer, eval_rows, "chosen", max_length, "preference eval (chosen)")
-    eval_rejected, _ = _encode(tokenizer, eval_rows, "rejected", max_length, "preference eval (rejected)")
+    eval_chosen, _ = encode_rows(tokenizer, eval_rows, "chosen", max_length, "preference eval (chosen)")
+    eval_rejected, _ = encode_rows(tokenizer, eval_rows, "rejected", max_length, "preference eval (rejected)")
     gold = None
     if task.has_gold:
         prompts = [r["prompt"] for r in eval_rows]

@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from algorithms.base import Algorithm
 from backbone.batch import Rollouts
 from backbone.checkpoint import CheckpointManager
+from backbone.ema import EMA
 from backbone.engine import TorchEngine
 from backbone.kl import build_kl_controller
+from backbone.ptx import SFTMixer
 from backbone.rollout import RolloutCollector
 from backbone.tasks.base import Task
 from backbone.tracking import Tracker
@@ -135,6 +137,16 @@ class Trainer:
             cfg.optim,
             total_steps=self.iterations * steps_per_iteration,
         )
+        self.ptx = SFTMixer(
+            task,
+            collector.tokenizer,
+            cfg.model.max_length,
+            cfg.ptx.coef,
+            cfg.ptx.batch_size,
+            collector.device,
+            cfg.seed,
+        )
+        self.ema = EMA(self.stack.actor, cfg.ema.decay) if cfg.ema.enabled else None
         self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.iteration = 0
@@ -205,8 +217,15 @@ class Trainer:
         for _ in range(self.algorithm.ppo_epochs):
             for minibatch in batch.minibatches(self.algorithm.minibatch_size, self.shuffle):
                 loss, stats = self.algorithm.loss(self.stack, minibatch)
-                self.engine.backward(loss)
+                total = loss
+                if self.ptx.coef > 0:
+                    ptx_loss = self.ptx.loss(self.stack.actor)
+                    total = loss + self.ptx.coef * ptx_loss
+                    sums["train/ptx_loss"] += ptx_loss.item()
+                self.engine.backward(total)
                 sums["train/grad_norm"] += self.engine.step()
+                if self.ema is not None:
+                    self.ema.update(self.stack.actor)
                 sums["train/loss"] += loss.item()
                 for key, value in stats.items():
                     sums[f"train/{key}"] += value
@@ -223,6 +242,14 @@ class Trainer:
         sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
         greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
+        row["eval/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
+        if self.ema is not None:
+            with self.ema.applied(self.stack.actor):
+                ema_sampled = self.collector.collect(
+                    prompts, self.cfg.rollout.eval_samples, update_stats=False
+                )
+                row.update(rollout_metrics(ema_sampled, "eval_ema"))
+                row["eval_ema/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
         table_every = self.cfg.logger.table_every
         if table_every and self.iteration % table_every == 0:
             columns = ["prompt", "response", "reward", "gold"]
@@ -254,6 +281,8 @@ class Trainer:
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_shaper": self.collector.shaper.state_dict(),
             "prompt_position": self.prompts.position,
+            "ptx": self.ptx.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "shuffle_rng": self.shuffle.get_state(),
             "rng": {
                 "python": random.getstate(),
@@ -274,7 +303,16 @@ class Trainer:
             "tokens": self.tokens,
             "wall_time_s": time.perf_counter() - self.start_time,
         }
-        for key in ("eval/reward_mean", "eval/kl_mean", "eval/gold_mean", "eval/response_len_mean"):
+        for key in (
+            "eval/reward_mean",
+            "eval/kl_mean",
+            "eval/gold_mean",
+            "eval/response_len_mean",
+            "eval/sft_loss",
+            "eval_ema/reward_mean",
+            "eval_ema/kl_mean",
+            "eval_ema/gold_mean",
+        ):
             if key in last_eval:
                 summary[f"final/{key}"] = last_eval[key]
                 summary[f"initial/{key}"] = first_eval[key]
