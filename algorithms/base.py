@@ -30,6 +30,8 @@ class Algorithm(ABC):
     needs_critic: bool = False
     #: offline algorithms get one rollout of the whole prompt set from the initial policy
     offline: bool = False
+    #: the task's chosen response to each prompt joins the policy's samples (teacher-forced)
+    include_chosen: bool = False
 
     def __init__(self, name: str, lr: float, ppo_epochs: int, minibatch_size: int):
         self.name = name

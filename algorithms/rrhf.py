@@ -13,6 +13,8 @@ loss does not grow with how many prompts it packs. No critic, no importance rati
 
 ``mode=online`` samples fresh candidates from the current policy each iteration; ``mode=offline`` is
 the paper's setting: candidates for the whole prompt set are sampled once from the initial policy.
+``include_chosen`` adds the task's chosen response to each prompt's candidates, as the paper ranks
+the dataset's responses beside the sampled ones.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class RRHF(Algorithm):
         sft_weight: float = 1.0,
         length_penalty: float = 1.0,
         mode: str = "online",
+        include_chosen: bool = False,
     ):
         super().__init__(name, lr, ppo_epochs, minibatch_size)
         if mode not in MODES:
@@ -89,6 +92,7 @@ class RRHF(Algorithm):
             )
         self.samples_per_prompt = samples_per_prompt
         self.offline = mode == "offline"
+        self.include_chosen = include_chosen
         self.rank_weight = rank_weight
         self.sft_weight = sft_weight
         self.length_penalty = length_penalty

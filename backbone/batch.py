@@ -33,6 +33,9 @@ class Rollouts:
     kl_coef: float = 0.0  # the KL controller's beta when these were collected
     values: Tensor | None = None  # [B, T] critic values, when the algorithm needs a critic
     gold: Tensor | None = None  # [B] the task's gold reward, when it has one
+    # [B] True for the policy's samples, False for responses taken from the data (RRHF's chosen
+    # candidates); None: all sampled. Only sampled rows count as generated or enter rollout metrics.
+    sampled: Tensor | None = None
     prompts: list[str] | None = None
     responses: list[str] | None = None
 

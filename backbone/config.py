@@ -283,6 +283,8 @@ class RRHFConfig(AlgorithmConfig):
     length_penalty: float = 1.0
     # online: generate a small batch, train on it, repeat; offline: generate for all prompts first
     mode: str = "online"
+    # rank the task's chosen response to each prompt beside the k samples
+    include_chosen: bool = False
 
 
 # --------------------------------------------------------------------------- the run

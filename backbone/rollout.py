@@ -10,6 +10,7 @@ generation, so the first PPO ratio is exactly 1.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -93,6 +94,15 @@ class RolloutCollector:
             mask.repeat_interleave(samples_per_prompt, dim=0).to(self.device),
         )
 
+    def encode_responses(self, responses: list[str]) -> Tensor:
+        """Given responses as ids closed by EOS, right-padded, cut at max_new_tokens: [B, T]."""
+        eos, limit = self.tokenizer.eos_token_id, self.cfg.max_new_tokens
+        rows = [[*self.tokenizer(r, add_special_tokens=False)["input_ids"], eos][:limit] for r in responses]
+        ids = torch.full((len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids.to(self.device)
+
     @torch.no_grad()
     def collect(
         self,
@@ -103,15 +113,35 @@ class RolloutCollector:
         greedy: bool = False,
         group_offset: int = 0,
         update_stats: bool = True,
+        given_responses: list[str] | None = None,
     ) -> Rollouts:
         """n responses per prompt, scored; ``update_stats=False`` for evaluation (reward statistics
-        unchanged)."""
+        unchanged). ``given_responses`` (one per prompt, e.g. the data's chosen ones) join their
+        prompt's group teacher-forced, marked ``sampled=False``."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
         actor = self.stack.actor
         sequences = actor.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config(greedy)
         )  # [B, P + T]
         response_ids = sequences[:, prompt_ids.shape[1] :]
+        group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
+        row_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        sampled = None
+        if given_responses is not None:
+            given = self.encode_responses(given_responses)  # [n_prompts, T']
+            width = max(response_ids.shape[1], given.shape[1])
+            pad = self.tokenizer.pad_token_id
+            response_ids = torch.cat(
+                [
+                    F.pad(response_ids, (0, width - response_ids.shape[1]), value=pad),
+                    F.pad(given, (0, width - given.shape[1]), value=pad),
+                ]
+            )
+            prompt_ids = torch.cat([prompt_ids, prompt_ids[::samples_per_prompt]])
+            prompt_mask = torch.cat([prompt_mask, prompt_mask[::samples_per_prompt]])
+            group = torch.cat([group, torch.arange(len(prompts), device=self.device)])
+            sampled = torch.arange(len(group), device=self.device) < len(prompts) * samples_per_prompt
+            row_prompts = [*row_prompts, *prompts]
         response_mask, ended = response_mask_upto_eos(response_ids, self.tokenizer.eos_token_id)
         response_ids = torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id)
         rollouts = Rollouts(
@@ -119,15 +149,15 @@ class RolloutCollector:
             prompt_mask=prompt_mask,
             response_ids=response_ids,
             response_mask=response_mask,
-            group=torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
-            + group_offset,
+            group=group + group_offset,
+            sampled=sampled,
             logprobs=torch.empty(0),
             ref_logprobs=torch.empty(0),
             kl=torch.empty(0),
             scores=torch.empty(0),
             rewards=torch.empty(0),
             kl_coef=kl_coef,
-            prompts=[p for p in prompts for _ in range(samples_per_prompt)],
+            prompts=row_prompts,
         )
         rollouts.logprobs = self.stack(rollouts).logprobs  # [B, T]
         rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]

@@ -84,6 +84,9 @@ def sequence_kl(rollouts: Rollouts) -> torch.Tensor:
 
 
 def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
+    """The shared metrics of the policy's own samples (responses taken from data are left out)."""
+    if rollouts.sampled is not None:
+        rollouts = rollouts.select(torch.nonzero(rollouts.sampled).flatten())
     kl = sequence_kl(rollouts)
     shaping_kl = rollouts.kl.sum(dim=1)  # the configured estimator, summed per response
     row = {
@@ -147,6 +150,7 @@ class Trainer:
             cfg.seed,
         )
         self.ema = EMA(self.stack.actor, cfg.ema.decay) if cfg.ema.enabled else None
+        self.chosen_responses(sorted(set(self.prompts.prompts)))  # every RL prompt has one, or fail now
         self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.iteration = 0
@@ -187,7 +191,11 @@ class Trainer:
             return self.offline_buffer[self.iteration - 1]
         prompts = self.prompts.take(self.prompts_per_iteration)
         rollouts = self.collector.collect(
-            prompts, self.algorithm.samples_per_prompt, self.kl_ctl.value, self.algorithm.needs_critic
+            prompts,
+            self.algorithm.samples_per_prompt,
+            self.kl_ctl.value,
+            self.algorithm.needs_critic,
+            given_responses=self.chosen_responses(prompts),
         )
         self.count(rollouts)
         return rollouts
@@ -202,13 +210,31 @@ class Trainer:
                 self.kl_ctl.value,
                 self.algorithm.needs_critic,
                 group_offset=i * len(prompts),
+                given_responses=self.chosen_responses(prompts),
             )
             self.count(rollouts)
             self.offline_buffer.append(rollouts)
 
     def count(self, rollouts: Rollouts) -> None:
-        self.samples += len(rollouts)
-        self.tokens += int(rollouts.response_lengths.sum())
+        """Generated samples and tokens: responses taken from data are not generated."""
+        lengths = rollouts.response_lengths
+        if rollouts.sampled is not None:
+            lengths = lengths[rollouts.sampled]
+        self.samples += len(lengths)
+        self.tokens += int(lengths.sum())
+
+    def chosen_responses(self, prompts: list[str]) -> list[str] | None:
+        """The task's chosen response to each prompt, for algorithms that rank them beside samples."""
+        if not self.algorithm.include_chosen:
+            return None
+        chosen = [self.task.chosen_response(p) for p in prompts]
+        missing = [p for p, c in zip(prompts, chosen) if c is None]
+        if missing:
+            raise ValueError(
+                f"algorithm.include_chosen: task {self.task.name!r} has no chosen response for prompt "
+                f"{missing[0]!r} (and {len(missing) - 1} more of this batch)"
+            )
+        return chosen
 
     def update(self, batch) -> dict[str, float]:
         """E epochs over the batch in minibatches that keep each prompt's samples together."""

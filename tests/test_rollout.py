@@ -29,7 +29,7 @@ def rollout_cfg(**overrides):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    task = ToyReviews(n_sft_train=200, n_sft_eval=10, n_pref_train=10, n_pref_eval=10, n_rl_prompts=50)
+    task = ToyReviews(n_sft_train=200, n_sft_eval=10, n_pref_train=2000, n_pref_eval=10, n_rl_prompts=50)
     tokenizer = train_word_tokenizer(task.corpus())
     torch.manual_seed(0)
     build_tiny_causal_lm(tokenizer, ARCH).save_pretrained(path)
@@ -117,3 +117,23 @@ def test_top_k_one_sampling_is_greedy(setup):
     torch.manual_seed(3)
     top1 = collector(setup, top_k=1).collect(prompts)
     assert torch.equal(top1.response_ids, greedy.response_ids)
+
+
+def test_given_responses_join_their_prompts_group_teacher_forced(setup):
+    task, tokenizer, _ = setup
+    prompts = task.rl_prompts()[:3]
+    given = [task.chosen_response(p) for p in prompts]
+    assert all(given) and task.chosen_response(task.eval_prompts()[0]) is None
+    torch.manual_seed(4)
+    rollouts = collector(setup, max_new_tokens=24).collect(
+        prompts, samples_per_prompt=2, given_responses=given
+    )
+    assert len(rollouts) == 3 * 2 + 3
+    assert rollouts.sampled.tolist() == [True] * 6 + [False] * 3
+    assert rollouts.group.tolist() == [0, 0, 1, 1, 2, 2, 0, 1, 2]
+    assert rollouts.prompts[6:] == prompts and rollouts.responses[6:] == given
+    last = rollouts.response_lengths[6:] - 1
+    assert (
+        rollouts.response_ids[6:].gather(1, last[:, None]).flatten().tolist() == [tokenizer.eos_token_id] * 3
+    )
+    assert torch.all(rollouts.logprobs[rollouts.response_mask == 0] == 0)

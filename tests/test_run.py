@@ -138,6 +138,7 @@ def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
         (["algorithm=ppo_sampled", "algorithm.baseline=critic"], "train/value_loss"),
         (["algorithm=ppo_sampled", "algorithm.baseline=leave_one_out"], "train/baseline_mean"),
         (["algorithm=rrhf", "algorithm.mode=offline"], "train/rank_loss"),
+        (["algorithm=rrhf", "algorithm.include_chosen=true"], "train/rank_loss"),
     ],
 )
 def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artifacts_dir):

@@ -51,3 +51,12 @@ class Task(ABC):
     @abstractmethod
     def corpus(self) -> list[str]:
         """Texts (prompts and responses) to train a tokenizer on."""
+
+    def chosen_response(self, prompt: str) -> str | None:
+        """A preferred response to ``prompt`` from the task's train preference pairs (the first
+        pair of that prompt), or None; RRHF can rank it beside the policy's samples."""
+        if not hasattr(self, "_chosen_by_prompt"):
+            self._chosen_by_prompt: dict[str, str] = {}
+            for pair in self.preference_pairs("train"):
+                self._chosen_by_prompt.setdefault(pair["prompt"], pair["chosen"])
+        return self._chosen_by_prompt.get(prompt)
