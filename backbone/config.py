@@ -319,8 +319,6 @@ class RunConfig:
     iterations: int = 60
     # a sample budget instead of iterations: total_samples / rollout.samples_per_iteration of them
     total_samples: int | None = None
-    # a run folder to continue from its last checkpoint
-    resume: str | None = None
     # checkpoint every N iterations (and at the end)
     checkpoint_every: int = 10
 
