@@ -145,21 +145,30 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(label) and the entropy of p at each position; logits [B, T, V], labels [B, T]."""
+def token_logprobs(logits: Tensor, labels: Tensor, entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """log p(label) and (when asked) the entropy of p at each position; logits [B, T, V], labels [B, T].
+
+    The entropy is a statistic, never a loss term: it is computed without grad, so the update loop
+    keeps no [B, T, V] graph for it.
+    """
     logp = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     chosen = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
-    return chosen, entropy
+    if not entropy:
+        return chosen, None
+    with torch.no_grad():
+        return chosen, -(logp.exp() * logp).sum(-1)  # [B, T]
 
 
-def response_logprobs(model: PreTrainedModel, rollouts: Rollouts) -> tuple[Tensor, Tensor]:
+def response_logprobs(
+    model: PreTrainedModel, rollouts: Rollouts, entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Log-probs and entropies of the response tokens, [B, T]: logits at P-1+t predict token P+t."""
     prompt_len = rollouts.prompt_ids.shape[1]
     mask = rollouts.attention_mask
     logits = model(input_ids=rollouts.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    logprobs, entropy = token_logprobs(logits[:, prompt_len - 1 : -1], rollouts.response_ids)
-    return logprobs * rollouts.response_mask, entropy * rollouts.response_mask
+    logprobs, ent = token_logprobs(logits[:, prompt_len - 1 : -1], rollouts.response_ids, entropy)
+    response_mask = rollouts.response_mask
+    return logprobs * response_mask, ent * response_mask if ent is not None else None
 
 
 # --------------------------------------------------------------------------- value models
@@ -299,8 +308,13 @@ class PolicyStack(nn.Module):
         return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
 
     @torch.no_grad()
+    def old_logprobs(self, rollouts: Rollouts) -> Tensor:
+        """The sampling policy's log-probs, by the same computation as the loss's."""
+        return response_logprobs(self.actor, rollouts, entropy=False)[0]
+
+    @torch.no_grad()
     def reference_logprobs(self, rollouts: Rollouts) -> Tensor:
-        return response_logprobs(self.reference, rollouts)[0]
+        return response_logprobs(self.reference, rollouts, entropy=False)[0]
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts) -> Tensor:

@@ -159,7 +159,7 @@ class RolloutCollector:
             kl_coef=kl_coef,
             prompts=row_prompts,
         )
-        rollouts.logprobs = self.stack(rollouts).logprobs  # [B, T]
+        rollouts.logprobs = self.stack.old_logprobs(rollouts)  # [B, T]
         rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]
         rollouts.kl = kl_estimate(rollouts.logprobs, rollouts.ref_logprobs, self.kl_estimator) * response_mask
         if with_values:
