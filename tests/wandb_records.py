@@ -11,11 +11,15 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
 
 def offline_records(run_dir: Path) -> list[pb.Record]:
     """The records of the newest offline run under `run_dir`, in the order W&B wrote them."""
+    # `run.finish()` only informs wandb-core that the run is done; the service flushes and closes
+    # the file after that returns. Shutting the service down waits for it, as a process exit does.
+    wandb.teardown()
     # folders are named offline-run-<yyyymmdd_hhmmss>-<id>: the last in name order is the newest
     path = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
     data = path.read_bytes()
