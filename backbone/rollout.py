@@ -19,6 +19,7 @@ from backbone.kl import kl_estimate
 from backbone.models import PolicyStack, response_values
 from backbone.reward import RewardShaper
 from backbone.tasks.base import Task
+from backbone.timing import PhaseTimer
 
 
 def response_mask_upto_eos(response_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
@@ -51,6 +52,7 @@ class RolloutCollector:
         self.kl_estimator = kl_estimator
         self.cfg = rollout_cfg
         self.device = device
+        self.timer = PhaseTimer(device)
         self.max_prompt_len = max_length - rollout_cfg.max_new_tokens
         if self.max_prompt_len < 1:
             raise ValueError(
@@ -119,10 +121,10 @@ class RolloutCollector:
         unchanged). ``given_responses`` (one per prompt, e.g. the data's chosen ones) join their
         prompt's group teacher-forced, marked ``sampled=False``."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
-        actor = self.stack.actor
-        sequences = actor.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config(greedy)
-        )  # [B, P + T]
+        with self.timer.phase("generate"):
+            sequences = self.stack.actor.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config(greedy)
+            )  # [B, P + T]
         response_ids = sequences[:, prompt_ids.shape[1] :]
         group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
         row_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -159,15 +161,20 @@ class RolloutCollector:
             kl_coef=kl_coef,
             prompts=row_prompts,
         )
-        rollouts.logprobs = self.stack.old_logprobs(rollouts)  # [B, T]
-        rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]
+        with self.timer.phase("actor_forward"):
+            rollouts.logprobs = self.stack.old_logprobs(rollouts)  # [B, T]
+        with self.timer.phase("reference_forward"):
+            rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]
         rollouts.kl = kl_estimate(rollouts.logprobs, rollouts.ref_logprobs, self.kl_estimator) * response_mask
         if with_values:
-            rollouts.values = response_values(self.stack.critic, rollouts)  # [B, T]
-        rollouts.scores = self.stack.score(rollouts)  # [B]
+            with self.timer.phase("critic_forward"):
+                rollouts.values = response_values(self.stack.critic, rollouts)  # [B, T]
+        with self.timer.phase("reward_forward"):
+            rollouts.scores = self.stack.score(rollouts)  # [B]
         rollouts.rewards = self.shaper(rollouts.scores, ended, update=update_stats)  # [B]
         rollouts.responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         if self.task.has_gold:
-            gold = self.task.gold_reward(rollouts.prompts, rollouts.responses)
+            with self.timer.phase("gold"):
+                gold = self.task.gold_reward(rollouts.prompts, rollouts.responses)
             rollouts.gold = torch.tensor(gold, dtype=torch.float32, device=self.device)
         return rollouts

@@ -126,6 +126,7 @@ class Trainer:
         self.collector = collector
         self.stack = collector.stack
         self.tracker = tracker
+        self.timer = collector.timer
         self.kl_ctl = build_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
         self.prompts = PromptStream(task.rl_prompts(), cfg.seed)
         self.prompts_per_iteration = prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
@@ -162,29 +163,39 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
-        first_eval = self.log_row(self.evaluate())
+        with self.timer.phase("eval"):
+            first_eval = self.evaluate()
+        self.log_row({**first_eval, **self.timer.pop()})
         last_eval = first_eval
         if self.algorithm.offline:
-            self.collect_offline_buffer()
+            with self.timer.phase("rollout"):
+                self.collect_offline_buffer()
         progress = tqdm(range(self.iteration + 1, self.iterations + 1), desc=self.algorithm.name)
         for iteration in progress:
             self.iteration = iteration
-            rollouts = self.collect()
-            with torch.no_grad():
+            with self.timer.phase("rollout"):
+                rollouts = self.collect()
+            with self.timer.phase("prepare"), torch.no_grad():
                 batch = self.algorithm.prepare(rollouts)
-            row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
+            with self.timer.phase("update"):
+                row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
             row["kl/coef"] = self.kl_ctl.value
             # the shared measure over the policy's own samples drives the controller
             self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
             if iteration % self.cfg.rollout.eval_every == 0 or iteration == self.iterations:
-                last_eval = self.evaluate()
+                with self.timer.phase("eval"):
+                    last_eval = self.evaluate()
                 row.update(last_eval)
-            self.log_row(row)
+            # the row is written before the checkpoint that covers it, so a resume never lacks it;
+            # logging and checkpointing are timed into the next row
+            with self.timer.phase("log"):
+                self.log_row({**row, **self.timer.pop()})
             progress.set_postfix(
                 reward=f"{row['rollout/reward_mean']:.2f}", kl=f"{row['rollout/kl_mean']:.2f}"
             )
             if iteration % self.cfg.checkpoint_every == 0 or iteration == self.iterations:
-                self.checkpoints.save(self.state(), self.stack, iteration)
+                with self.timer.phase("checkpoint"):
+                    self.checkpoints.save(self.state(), self.stack, iteration)
         return self.summary(first_eval, last_eval)
 
     def collect(self) -> Rollouts:
