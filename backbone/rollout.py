@@ -123,7 +123,9 @@ class RolloutCollector:
         prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
         with self.timer.phase("generate"):
             sequences = self.stack.actor.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation_config(greedy)
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=self.generation_config(greedy),
             )  # [B, P + T]
         response_ids = sequences[:, prompt_ids.shape[1] :]
         group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
