@@ -54,6 +54,14 @@ class Rollouts:
     def response_lengths(self) -> Tensor:  # [B]
         return self.response_mask.sum(dim=1)
 
+    def state_dict(self) -> dict:
+        """Plain fields on the CPU, for a checkpoint (``torch.load(weights_only=True)`` reads them)."""
+        return {f.name: _to(getattr(self, f.name), "cpu") for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device) -> Rollouts:
+        return cls(**{name: _to(value, device) for name, value in state.items()})
+
     def select(self, index: Tensor) -> Rollouts:
         """The rows ``index`` of every per-response field."""
         out = {}
@@ -66,6 +74,10 @@ class Rollouts:
             else:
                 out[f.name] = value
         return replace(self, **out)
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, Tensor) else value
 
 
 @dataclass

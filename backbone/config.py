@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # --------------------------------------------------------------------------- task
 
@@ -168,6 +168,9 @@ class OptimConfig:
     # constant | cosine | linear, after warmup_steps of linear warm-up
     scheduler: str = "constant"
     warmup_steps: int = 0
+    # a step whose loss or gradient is not finite is skipped (weights, optimiser and schedule
+    # untouched) and counted; this many in a row stop the run with a checkpoint
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -319,12 +322,20 @@ class RunConfig:
     iterations: int = 60
     # a sample budget instead of iterations: total_samples / rollout.samples_per_iteration of them
     total_samples: int | None = None
-    # checkpoint every N iterations (and at the end)
+    # checkpoint every N iterations (and at the end); the last `keep_checkpoints` are kept
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    # a run folder to continue from its last complete checkpoint, as it was configured (a run
+    # started again in its own folder, with the same config, resumes without it)
+    resume: str | None = None
 
 
 def register_configs() -> None:
     """Store the schemas; each conf/<group>/<option>.yaml names its schema in its defaults list."""
+    # `${if_null:${resume},outputs/...}`: the run folder is the resumed one when there is one
+    OmegaConf.register_new_resolver(
+        "if_null", lambda value, default: default if value is None else value, replace=True
+    )
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     groups = {

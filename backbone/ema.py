@@ -42,3 +42,9 @@ class EMA:
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for e, saved in zip(self.shadow, state["shadow"], strict=True):
+            e.copy_(saved)

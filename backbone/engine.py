@@ -58,14 +58,18 @@ class TorchEngine:
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 
-    def step(self) -> float:
-        """Clip, step, advance the schedule; returns the gradient norm before clipping."""
+    def step(self) -> float | None:
+        """Clip, step, advance the schedule; returns the gradient norm before clipping. A non-finite
+        norm (a NaN or inf anywhere in the gradient) skips the step: weights, optimiser moments
+        and schedule stay as they were, and None is returned."""
         max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm if finite else None
 
     def learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}

@@ -58,3 +58,7 @@ class SFTMixer:
 
     def state_dict(self) -> dict:
         return {"order": list(self.order), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = list(state["order"])
+        self.generator.set_state(state["generator"])

@@ -265,6 +265,11 @@ class Tracker:
         if self._run is not None:
             self._guarded("summary", self._run.summary.update, values)
 
+    def mark_preempting(self) -> None:
+        """Tell W&B the run was pre-empted and will be resumed, not failed."""
+        if self._run is not None:
+            self._guarded("mark_preempting", self._run.mark_preempting)
+
     def truncate_history(self, key: str, max_value: float) -> None:
         """Keep only the history rows (and table lines) with `row[key] <= max_value`, for a resume
         from a checkpoint at `max_value`. Rows without `key` (e.g. stage rows) are kept."""

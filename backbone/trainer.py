@@ -18,22 +18,26 @@ estimator the algorithm's own shaping uses.
 from __future__ import annotations
 
 import logging
-import random
+import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from algorithms.base import Algorithm
-from backbone.batch import Rollouts
-from backbone.checkpoint import CheckpointManager
+from backbone.batch import Batch, Rollouts
+from backbone.checkpoint import CheckpointManager, restore_weights
 from backbone.ema import EMA
 from backbone.engine import TorchEngine
 from backbone.kl import build_kl_controller
 from backbone.ptx import SFTMixer
+from backbone.rng import rng_state, set_rng_state
 from backbone.rollout import RolloutCollector
 from backbone.tasks.base import Task
 from backbone.tracking import Tracker
@@ -104,10 +108,12 @@ def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
     return row
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class Preempted(Exception):
+    """SIGTERM arrived; the run stopped after its current iteration, with a checkpoint."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
 class Trainer:
@@ -152,51 +158,100 @@ class Trainer:
         )
         self.ema = EMA(self.stack.actor, cfg.ema.decay) if cfg.ema.enabled else None
         self.chosen_responses(sorted(set(self.prompts.prompts)))  # every RL prompt has one, or fail now
-        self.checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
+        self.checkpoints = CheckpointManager(
+            Path(run_dir) / "checkpoints", keep=cfg.keep_checkpoints, tokenizer=collector.tokenizer
+        )
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
         self.iteration = 0
         self.samples = 0
         self.tokens = 0
+        self.nonfinite_steps = 0  # skipped optimiser steps, in all
+        self.nonfinite_in_a_row = 0
         self.offline_buffer: list[Rollouts] = []
+        self.first_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.sigterm = False
         self.start_time = time.perf_counter()
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
-        with self.timer.phase("eval"):
-            first_eval = self.evaluate()
-        self.log_row({**first_eval, **self.timer.pop()})
-        last_eval = first_eval
-        if self.algorithm.offline:
-            with self.timer.phase("rollout"):
-                self.collect_offline_buffer()
-        progress = tqdm(range(self.iteration + 1, self.iterations + 1), desc=self.algorithm.name)
-        for iteration in progress:
-            self.iteration = iteration
-            with self.timer.phase("rollout"):
-                rollouts = self.collect()
-            with self.timer.phase("prepare"), torch.no_grad():
-                batch = self.algorithm.prepare(rollouts)
-            with self.timer.phase("update"):
-                row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
-            row["kl/coef"] = self.kl_ctl.value
-            # the shared measure over the policy's own samples drives the controller
-            self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
-            if iteration % self.cfg.rollout.eval_every == 0 or iteration == self.iterations:
+        """Train from the current state (iteration 0, or a restored checkpoint) to the last iteration."""
+        with self.sigterm_checkpoints():
+            if self.iteration == 0:
                 with self.timer.phase("eval"):
-                    last_eval = self.evaluate()
-                row.update(last_eval)
-            # the row is written before the checkpoint that covers it, so a resume never lacks it;
-            # logging and checkpointing are timed into the next row
-            with self.timer.phase("log"):
-                self.log_row({**row, **self.timer.pop()})
-            progress.set_postfix(
-                reward=f"{row['rollout/reward_mean']:.2f}", kl=f"{row['rollout/kl_mean']:.2f}"
+                    self.first_eval = self.last_eval = self.evaluate()
+                self.log_row({**self.first_eval, **self.timer.pop()})
+                if self.algorithm.offline:
+                    with self.timer.phase("rollout"):
+                        self.collect_offline_buffer()
+            progress = tqdm(
+                range(self.iteration + 1, self.iterations + 1),
+                desc=self.algorithm.name,
+                initial=self.iteration,
+                total=self.iterations,
             )
-            if iteration % self.cfg.checkpoint_every == 0 or iteration == self.iterations:
-                with self.timer.phase("checkpoint"):
-                    self.checkpoints.save(self.state(), self.stack, iteration)
-        return self.summary(first_eval, last_eval)
+            for iteration in progress:
+                self.iteration = iteration
+                row = self.train_iteration()
+                progress.set_postfix(
+                    reward=f"{row['rollout/reward_mean']:.2f}", kl=f"{row['rollout/kl_mean']:.2f}"
+                )
+        return self.summary()
+
+    def train_iteration(self) -> dict[str, float]:
+        with self.timer.phase("rollout"):
+            rollouts = self.collect()
+        with self.timer.phase("prepare"), torch.no_grad():
+            batch = self.algorithm.prepare(rollouts)
+        with self.timer.phase("update"):
+            row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
+        row["kl/coef"] = self.kl_ctl.value
+        # the shared measure over the policy's own samples drives the controller
+        self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
+        iteration = self.iteration
+        if iteration % self.cfg.rollout.eval_every == 0 or iteration == self.iterations:
+            with self.timer.phase("eval"):
+                self.last_eval = self.evaluate()
+            row.update(self.last_eval)
+        # the row is written before the checkpoint that covers it, so a resume never lacks it;
+        # logging and checkpointing are timed into the next row
+        with self.timer.phase("log"):
+            self.log_row({**row, **self.timer.pop()})
+        diverged = self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps
+        due = iteration % self.cfg.checkpoint_every == 0 or iteration == self.iterations
+        if due or diverged or self.sigterm:
+            with self.timer.phase("checkpoint"):
+                checkpoint = self.checkpoints.save(self.state(), self.stack, iteration)
+        if diverged:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps}); none reached the "
+                f"weights, which are saved in {checkpoint}. Lower the learning rate (algorithm.lr or "
+                f"optim.lr_scale), or look at train/* and rollout/* in the last rows of the history."
+            )
+        if self.sigterm:
+            raise Preempted(f"SIGTERM: stopped after iteration {iteration}, checkpoint {checkpoint}")
+        return row
+
+    @contextmanager
+    def sigterm_checkpoints(self) -> Iterator[None]:
+        """SIGTERM (a cluster pre-empting the job) finishes the current iteration, checkpoints it and
+        raises ``Preempted``. Only the main thread can install a handler; elsewhere SIGTERM kills."""
+
+        def handler(signum, frame):
+            log.warning("SIGTERM: checkpointing after the current iteration, then stopping")
+            self.sigterm = True
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def collect(self) -> Rollouts:
         if self.algorithm.offline:
@@ -245,29 +300,55 @@ class Trainer:
             )
         return chosen
 
-    def update(self, batch) -> dict[str, float]:
-        """E epochs over the batch in minibatches that keep each prompt's samples together."""
+    def update(self, batch: Batch) -> dict[str, float]:
+        """E epochs over the batch in minibatches that keep each prompt's samples together; steps
+        with a non-finite loss or gradient are skipped and counted (``train/nonfinite_steps``)."""
         sums: dict[str, float] = defaultdict(float)
-        steps = 0
-        for _ in range(self.algorithm.ppo_epochs):
-            for minibatch in batch.minibatches(self.algorithm.minibatch_size, self.shuffle):
-                loss, stats = self.algorithm.loss(self.stack, minibatch)
-                total = loss
-                if self.ptx.coef > 0:
-                    ptx_loss = self.ptx.loss(self.stack.actor)
-                    total = loss + self.ptx.coef * ptx_loss
-                    sums["train/ptx_loss"] += ptx_loss.item()
-                self.engine.backward(total)
-                sums["train/grad_norm"] += self.engine.step()
-                if self.ema is not None:
-                    self.ema.update(self.stack.actor)
-                sums["train/loss"] += loss.item()
-                for key, value in stats.items():
-                    sums[f"train/{key}"] += value
-                steps += 1
+        steps = skipped = 0
+        for minibatch in self.minibatches(batch):
+            loss, stats = self.algorithm.loss(self.stack, minibatch)
+            total = loss
+            ptx_loss = None
+            if self.ptx.coef > 0:
+                ptx_loss = self.ptx.loss(self.stack.actor)
+                total = loss + self.ptx.coef * ptx_loss
+            grad_norm = self.optimizer_step(total)
+            if grad_norm is None:
+                skipped += 1
+                if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
+                    break
+                continue
+            steps += 1
+            sums["train/grad_norm"] += grad_norm
+            sums["train/loss"] += loss.item()
+            if ptx_loss is not None:
+                sums["train/ptx_loss"] += ptx_loss.item()
+            for key, value in stats.items():
+                sums[f"train/{key}"] += value
         row = {key: value / steps for key, value in sums.items()}
+        row["train/nonfinite_steps"] = skipped
         row.update({f"train/lr/{name}": lr for name, lr in self.engine.learning_rates().items()})
         return row
+
+    def minibatches(self, batch: Batch) -> Iterator[Batch]:
+        for _ in range(self.algorithm.ppo_epochs):
+            yield from batch.minibatches(self.algorithm.minibatch_size, self.shuffle)
+
+    def optimizer_step(self, total: torch.Tensor) -> float | None:
+        """Backward and step; the gradient norm, or None when the step was skipped: a non-finite
+        loss never reaches backward, a non-finite gradient never reaches the weights."""
+        grad_norm = None
+        if torch.isfinite(total):
+            self.engine.backward(total)
+            grad_norm = self.engine.step()
+        if grad_norm is None:
+            self.nonfinite_steps += 1
+            self.nonfinite_in_a_row += 1
+            return None
+        self.nonfinite_in_a_row = 0
+        if self.ema is not None:
+            self.ema.update(self.stack.actor)
+        return grad_norm
 
     # ------------------------------------------------------------------ evaluation
 
@@ -308,10 +389,14 @@ class Trainer:
         return row
 
     def state(self) -> dict:
+        """Everything but the weights that the run needs to continue exactly where it is."""
         return {
             "iteration": self.iteration,
             "samples": self.samples,
             "tokens": self.tokens,
+            "elapsed_s": time.perf_counter() - self.start_time,
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "engine": self.engine.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_shaper": self.collector.shaper.state_dict(),
@@ -319,15 +404,36 @@ class Trainer:
             "ptx": self.ptx.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "shuffle_rng": self.shuffle.get_state(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
+            "rng": rng_state(),
+            "offline_buffer": [rollouts.state_dict() for rollouts in self.offline_buffer],
+            "first_eval": self.first_eval,
+            "last_eval": self.last_eval,
             "wandb_run_id": self.tracker.run_id,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def summary(self, first_eval: dict, last_eval: dict) -> dict:
+    def load_state(self, state: dict, checkpoint: Path) -> None:
+        """Continue from a checkpoint: its weights and ``state()``; the next iteration is the one after."""
+        restore_weights(self.stack, checkpoint)
+        self.iteration, self.samples, self.tokens = state["iteration"], state["samples"], state["tokens"]
+        self.start_time = time.perf_counter() - state["elapsed_s"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.engine.load_state_dict(state["engine"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.collector.shaper.load_state_dict(state["reward_shaper"])
+        self.prompts.position = state["prompt_position"]
+        self.ptx.load_state_dict(state["ptx"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.shuffle.set_state(state["shuffle_rng"])
+        set_rng_state(state["rng"])
+        device = self.collector.device
+        self.offline_buffer = [Rollouts.from_state_dict(r, device) for r in state["offline_buffer"]]
+        self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
+
+    def summary(self) -> dict:
+        first_eval, last_eval = self.first_eval, self.last_eval
         summary = {
             "algorithm": self.algorithm.name,
             "seed": self.cfg.seed,
@@ -336,6 +442,7 @@ class Trainer:
             "iterations": self.iteration,
             "samples": self.samples,
             "tokens": self.tokens,
+            "nonfinite_steps": self.nonfinite_steps,
             "wall_time_s": time.perf_counter() - self.start_time,
         }
         for key in (

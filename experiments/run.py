@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -24,14 +25,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
 from backbone.reward import RewardShaper
+from backbone.rng import seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import prepare_stages
 from backbone.tracking import Tracker
-from backbone.trainer import Trainer, planned_iterations, prompts_per_iteration, seed_everything
+from backbone.trainer import Preempted, Trainer, planned_iterations
+from backbone.validation import check_run_config
 
 log = logging.getLogger("experiments.run")
 
@@ -56,14 +60,58 @@ def run_identity(cfg: DictConfig) -> tuple[str, str, list[str]]:
     return cfg.logger.group or default_group, name, tags
 
 
+def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None, dict | None]:
+    """The config to run, and the checkpoint (with its state) to continue from, if any.
+
+    A folder that holds a complete checkpoint is continued: started again with the same
+    command (auto-resume, also how a re-run sweep continues its jobs), the config must equal
+    the checkpoint's; with ``resume=<folder>`` the checkpoint's own config is used, and only
+    where and how the run reports (logger, paths, checkpoint cadence) may be overridden.
+    """
+    checkpoint = CheckpointManager(run_dir / "checkpoints").latest()
+    if cfg.resume is not None:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise ValueError("resume=<run folder> is for one run; run a sweep again in its hydra.sweep.dir")
+        if Path(cfg.resume).resolve() != run_dir.resolve():
+            raise ValueError(f"resume={cfg.resume}, but hydra.run.dir points the run at {run_dir}")
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"resume={cfg.resume}: no complete checkpoint in {run_dir / 'checkpoints'} (the run stopped "
+                f"before its first one); start the run anew"
+            )
+    if checkpoint is None:
+        return cfg, None, None
+    state = load_state(checkpoint)
+    if cfg.resume is None:
+        changes = config_changes(state["config"], OmegaConf.to_container(cfg, resolve=True))
+        if changes:
+            raise ValueError(
+                f"{run_dir} holds a run with another config ({'; '.join(changes[:5])}). Use a new folder, or "
+                f"resume={run_dir} to continue that run as it was configured."
+            )
+        return cfg, checkpoint, state
+    overridden = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    fixed = [key for key in overridden if not is_mutable_on_resume(key)]
+    if fixed:
+        raise ValueError(
+            f"resume={cfg.resume} continues the run as it was configured; {', '.join(fixed)} cannot change "
+            f"(start a new run for that)"
+        )
+    resumed = OmegaConf.create(state["config"])
+    for key in overridden:
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    return resumed, checkpoint, state
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
+    cfg, checkpoint, state = resume_point(cfg, run_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
     configure_cpu_threads(device, cfg.engine.cpu_threads)
     task = instantiate(cfg.task)
     algorithm = instantiate(cfg.algorithm)  # fails on bad hyperparameters before any model loads
-    prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
+    check_run_config(cfg, algorithm)
     group, name, tags = run_identity(cfg)
     tracker = Tracker(
         run_dir,
@@ -75,8 +123,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         name=name,
         tags=tags,
         config=OmegaConf.to_container(cfg, resolve=True),
+        resume_id=state["wandb_run_id"] if state else None,
     )
     with tracker:
+        if state is not None:
+            # rows after the checkpoint are done again: none is lost or doubled
+            tracker.truncate_history("iteration", state["iteration"])
+            log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
         tracker.summary({"group": group, "name": name, "run_id": tracker.run_id})
         stages = prepare_stages(cfg, task, tracker.log)
         tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
@@ -99,8 +152,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         )
         seed_everything(cfg.seed)  # the RL stream does not depend on whether the stages were cached
         trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
-        trainer.checkpoints.tokenizer = tokenizer
-        summary = trainer.run()
+        if state is not None:
+            trainer.load_state(state, checkpoint)
+        try:
+            summary = trainer.run()
+        except Preempted:
+            tracker.mark_preempting()
+            raise
         tracker.summary(summary)
         return summary
 
@@ -121,6 +179,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, run_dir)
+    except Preempted as stop:
+        log.warning("%s; run the same command again (or resume=%s) to continue", stop, run_dir)
+        raise SystemExit(128 + signal.SIGTERM) from stop
     except Exception as error:
         # recorded, then re-raised: Hydra's launchers still run the sweep's other jobs and the
         # sweep exits non-zero

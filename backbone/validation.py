@@ -1,0 +1,89 @@
+"""Settings that are each valid but cannot run together, caught at start-up.
+
+Types and unknown keys are the schemas' job (backbone/config.py). What a schema cannot see,
+a choice outside its set of names, or two keys that contradict each other, is found here,
+before any model loads, in one message that names every offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from algorithms.base import Algorithm
+from backbone.config import CriticConfig
+from backbone.kl import ESTIMATORS
+from backbone.reward import NORMALIZE_MODES
+
+CHOICES = {
+    "kl.estimator": tuple(ESTIMATORS),
+    "reward.normalize": NORMALIZE_MODES,
+    "reward.pooling": ("last", "mean"),
+    "optim.scheduler": ("constant", "linear", "cosine"),
+    "critic.init": ("reward", "sft"),
+    "reward_model.init": ("sft", "base"),
+    # what this version builds: other policy stacks and engines are configs without code yet
+    "peft.mode": ("none",),
+    "engine.name": ("torch",),
+}
+# an algorithm's own critic settings (ppo_sampled has them for baseline=critic)
+CRITIC_KEYS = ("vf_coef", "cliprange_value")
+AT_LEAST_ONE = (
+    "rollout.samples_per_iteration",
+    "rollout.max_new_tokens",
+    "rollout.eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "optim.max_nonfinite_steps",
+)
+
+
+def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
+    value = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
+    problems = [
+        f"{key}={value(key)!r}: expected one of {list(allowed)}"
+        for key, allowed in CHOICES.items()
+        if value(key) not in allowed
+    ]
+    problems += [f"{key}={value(key)}: must be at least 1" for key in AT_LEAST_ONE if value(key) < 1]
+    rollout = cfg.rollout
+    if rollout.min_new_tokens > rollout.max_new_tokens:
+        problems.append(
+            f"rollout.min_new_tokens={rollout.min_new_tokens} > "
+            f"rollout.max_new_tokens={rollout.max_new_tokens}"
+        )
+    n = algorithm.samples_per_prompt
+    if rollout.samples_per_iteration % n:
+        problems.append(
+            f"rollout.samples_per_iteration={rollout.samples_per_iteration} is not a multiple of "
+            f"algorithm.samples_per_prompt={n}"
+        )
+    # the batch an update sees: the samples, plus one chosen response per prompt when ranked with them
+    chosen = rollout.samples_per_iteration // n if algorithm.include_chosen else 0
+    batch = rollout.samples_per_iteration + chosen
+    if algorithm.minibatch_size > batch:
+        problems.append(
+            f"algorithm.minibatch_size={algorithm.minibatch_size} is larger than the batch of {batch} "
+            f"responses per iteration (rollout.samples_per_iteration={rollout.samples_per_iteration})"
+        )
+    if not algorithm.needs_critic:
+        if cfg.optim.critic_lr is not None:
+            problems.append(f"optim.critic_lr={cfg.optim.critic_lr}: {algorithm.name} trains no critic")
+        if cfg.critic.init != CriticConfig.init:
+            problems.append(f"critic.init={cfg.critic.init!r}: {algorithm.name} trains no critic")
+        problems += [
+            f"algorithm.{key}={cfg.algorithm[key]}: {algorithm.name} trains no critic here"
+            for key, default in _schema_defaults(cfg.algorithm).items()
+            if key in CRITIC_KEYS and cfg.algorithm[key] != default
+        ]
+    if problems:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _schema_defaults(node: DictConfig) -> dict:
+    """The defaults of the dataclass a config node was validated against (none for a plain node)."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return {}
+    return {f.name: getattr(schema, f.name) for f in fields(schema) if hasattr(schema, f.name)}
