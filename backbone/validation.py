@@ -2,7 +2,8 @@
 
 Types and unknown keys are the schemas' job (backbone/config.py). What a schema cannot see,
 a choice outside its set of names, or two keys that contradict each other, is found here,
-before any model loads, in one message that names every offending key.
+before any model loads, in one message that names every offending key. And only the
+sandbox's own classes may be named by a ``_target_``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CHOICES = {
     "peft.mode": ("none",),
     "engine.name": ("torch",),
 }
+TARGET_PACKAGES = ("backbone.", "algorithms.")
 # an algorithm's own critic settings (ppo_sampled has them for baseline=critic)
 CRITIC_KEYS = ("vf_coef", "cliprange_value")
 AT_LEAST_ONE = (
@@ -37,6 +39,17 @@ AT_LEAST_ONE = (
     "keep_checkpoints",
     "optim.max_nonfinite_steps",
 )
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Only the sandbox's own classes are built from a config: a ``_target_`` names code to import
+    and call, and a config file (or a sweep's override) must not be a way to run anything else."""
+    for group in ("task", "algorithm"):
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        if not isinstance(target, str) or not target.startswith(TARGET_PACKAGES):
+            raise ValueError(
+                f"{group}._target_={target!r}: only classes of the packages {list(TARGET_PACKAGES)} are built"
+            )
 
 
 def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:

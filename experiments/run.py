@@ -35,7 +35,7 @@ from backbone.rollout import RolloutCollector
 from backbone.stages import prepare_stages
 from backbone.tracking import Tracker
 from backbone.trainer import Preempted, Trainer, planned_iterations
-from backbone.validation import check_run_config
+from backbone.validation import check_run_config, check_targets
 
 log = logging.getLogger("experiments.run")
 
@@ -109,9 +109,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
     configure_cpu_threads(device, cfg.engine.cpu_threads)
-    task = instantiate(cfg.task)
-    algorithm = instantiate(cfg.algorithm)  # fails on bad hyperparameters before any model loads
+    # settings first (bad hyperparameters fail in the algorithm's constructor), then the data
+    check_targets(cfg)
+    algorithm = instantiate(cfg.algorithm)
     check_run_config(cfg, algorithm)
+    task = instantiate(cfg.task)
     group, name, tags = run_identity(cfg)
     tracker = Tracker(
         run_dir,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,27 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_p
     # the optimiser took exactly the 4 finite steps: the schedule and Adam's step count stand still
     steps = {int(s["step"]) for s in state["engine"]["optimizer"]["state"].values()}
     assert steps == {4}
+
+
+def test_a_finished_run_resumes_as_configured_and_refuses_other_configs(tmp_path, artifacts_dir, reference):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    before = read_history(run_dir)
+    # resume=<folder> alone: the checkpoint's own config; reporting may change, the run may not
+    run_entry([f"resume={run_dir}", "logger.mode=disabled"], cwd=tmp_path)
+    assert read_history(run_dir) == before  # nothing left to do, nothing written twice
+    refused = subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"resume={run_dir}", "seed=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
+    assert f"resume={run_dir} continues the run as it was configured; seed cannot change" in refused.stderr
+    # the same folder with another config is not silently continued
+    args = run_args(artifacts_dir, run_dir, "algorithm.lr=0.001")
+    refused = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert refused.returncode != 0
+    assert f"{run_dir} holds a run with another config (algorithm.lr: 0.0003 -> 0.001)" in refused.stderr

@@ -1,0 +1,43 @@
+"""The engine steps finite gradients and leaves everything untouched on a non-finite one."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from backbone.config import OptimConfig
+from backbone.engine import TorchEngine
+
+
+def engine_and_model() -> tuple[TorchEngine, nn.Module]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    engine = TorchEngine(
+        model, [{"params": list(model.parameters()), "lr": 0.1}], OptimConfig(), total_steps=10
+    )
+    return engine, model
+
+
+def test_a_finite_gradient_is_stepped_and_its_norm_returned():
+    engine, model = engine_and_model()
+    before = copy.deepcopy(model.state_dict())
+    engine.backward(model(torch.ones(4, 3)).sum())
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert abs(engine.step() - expected) < 1e-5
+    assert not torch.equal(model.weight, before["weight"])
+    assert engine.scheduler.last_epoch == 1
+
+
+def test_a_non_finite_gradient_skips_the_step():
+    engine, model = engine_and_model()
+    engine.backward(model(torch.ones(4, 3)).sum())
+    engine.step()
+    weights, optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(engine.optimizer.state_dict())
+    engine.backward(model(torch.tensor([[1.0, float("inf"), 0.0]])).sum())
+    assert engine.step() is None
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    assert engine.optimizer.state_dict()["state"][0]["step"] == optimizer["state"][0]["step"]
+    assert engine.scheduler.last_epoch == 1
+    assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step

@@ -1,0 +1,76 @@
+"""Impossible configs fail at start-up, before any model loads, with one message naming the keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import compose_config
+from hydra.utils import instantiate
+
+from backbone.validation import check_run_config, check_targets
+
+
+def problems(overrides: list[str]) -> str:
+    cfg = compose_config(overrides)
+    with pytest.raises(ValueError) as error:
+        check_run_config(cfg, instantiate(cfg.algorithm))
+    return str(error.value)
+
+
+def test_the_default_configs_pass():
+    for algorithm in ("ppo_gae", "ppo_sampled", "rrhf"):
+        cfg = compose_config([f"algorithm={algorithm}"])
+        check_targets(cfg)
+        check_run_config(cfg, instantiate(cfg.algorithm))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["rollout.min_new_tokens=30", "rollout.max_new_tokens=24"],
+            "rollout.min_new_tokens=30 > rollout.max",
+        ),
+        (["algorithm.minibatch_size=65"], "algorithm.minibatch_size=65 is larger than the batch of 64"),
+        # RRHF ranks the chosen response beside 4 samples: 64 + 16 rows per iteration
+        (["algorithm=rrhf", "algorithm.include_chosen=true", "algorithm.minibatch_size=81"], "batch of 80"),
+        (["algorithm=rrhf", "optim.critic_lr=1e-4"], "optim.critic_lr=0.0001: rrhf trains no critic"),
+        (["algorithm=rrhf", "critic.init=sft"], "critic.init='sft': rrhf trains no critic"),
+        (["algorithm=ppo_sampled", "algorithm.vf_coef=1.0"], "algorithm.vf_coef=1.0: ppo_sampled trains no"),
+        (["algorithm=ppo_sampled", "rollout.samples_per_iteration=30"], "not a multiple of algorithm.samp"),
+        (["kl.estimator=k4"], "kl.estimator='k4': expected one of ['k1', 'k2', 'k3']"),
+        (["reward.pooling=max"], "reward.pooling='max'"),
+        (["peft.mode=lora"], "peft.mode='lora'"),
+        (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),
+    ],
+)
+def test_each_impossible_combination_is_named(overrides, message):
+    assert message in problems(overrides)
+
+
+def test_every_problem_is_in_one_message():
+    text = problems(["rollout.min_new_tokens=30", "kl.estimator=k4", "algorithm.minibatch_size=65"])
+    assert text.count("\n  - ") == 3
+
+
+def test_a_critic_option_is_fine_where_there_is_a_critic():
+    cfg = compose_config(["algorithm=ppo_sampled", "algorithm.baseline=critic", "algorithm.vf_coef=1.0"])
+    check_run_config(cfg, instantiate(cfg.algorithm))
+
+
+def test_only_the_sandbox_classes_are_built_from_a_config():
+    with pytest.raises(ValueError, match=r"task._target_='os.system': only classes of the packages"):
+        check_targets(compose_config(["task._target_=os.system"]))
+
+
+def test_a_bad_config_fails_before_any_stage_is_built(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    args = ["rollout.min_new_tokens=99", f"paths.artifacts={artifacts}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "rollout.min_new_tokens=99 > rollout.max_new_tokens=24" in result.stderr
+    assert not artifacts.exists()  # no SFT or reward model was started
