@@ -96,6 +96,11 @@ class RolloutCollector:
             mask.repeat_interleave(samples_per_prompt, dim=0).to(self.device),
         )
 
+    def count_truncated(self, prompts: list[str]) -> int:
+        """Prompts longer than the room generation leaves them; ``encode_prompts`` keeps their end."""
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return sum(len(ids) > self.max_prompt_len for ids in encoded)
+
     def encode_responses(self, responses: list[str]) -> Tensor:
         """Given responses as ids closed by EOS, right-padded, cut at max_new_tokens: [B, T]."""
         eos, limit = self.tokenizer.eos_token_id, self.cfg.max_new_tokens

@@ -158,6 +158,14 @@ class Trainer:
         )
         self.ema = EMA(self.stack.actor, cfg.ema.decay) if cfg.ema.enabled else None
         self.chosen_responses(sorted(set(self.prompts.prompts)))  # every RL prompt has one, or fail now
+        self.prompts_truncated = collector.count_truncated([*self.prompts.prompts, *task.eval_prompts()])
+        if self.prompts_truncated:
+            log.warning(
+                "%d RL and eval prompts are longer than model.max_length - rollout.max_new_tokens = %d "
+                "tokens; they are cut from the left (their start is lost)",
+                self.prompts_truncated,
+                collector.max_prompt_len,
+            )
         self.checkpoints = CheckpointManager(
             Path(run_dir) / "checkpoints", keep=cfg.keep_checkpoints, tokenizer=collector.tokenizer
         )
@@ -443,6 +451,7 @@ class Trainer:
             "samples": self.samples,
             "tokens": self.tokens,
             "nonfinite_steps": self.nonfinite_steps,
+            "prompts_truncated": self.prompts_truncated,
             "wall_time_s": time.perf_counter() - self.start_time,
         }
         for key in (

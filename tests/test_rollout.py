@@ -137,3 +137,16 @@ def test_given_responses_join_their_prompts_group_teacher_forced(setup):
         rollouts.response_ids[6:].gather(1, last[:, None]).flatten().tolist() == [tokenizer.eos_token_id] * 3
     )
     assert torch.all(rollouts.logprobs[rollouts.response_mask == 0] == 0)
+
+
+def test_long_prompts_keep_their_end_and_are_counted(setup):
+    # max_length 48 - 44 new tokens leaves 4 prompt tokens
+    c = collector(setup, max_new_tokens=44)
+    _, tokenizer, _ = setup
+    prompts = ["Review of the blender :", "Review :"]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert lengths[0] > 4 >= lengths[1]
+    assert c.count_truncated(prompts) == 1
+    ids, mask = c.encode_prompts(prompts, 1)
+    full = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == full[-4:] and mask[0].tolist() == [1, 1, 1, 1]
