@@ -37,23 +37,62 @@ class ToyReviewsConfig:
 
 
 @dataclass
-class PreferenceDatasetConfig:
-    """A preference dataset with prompt / chosen / rejected columns, read by ``datasets.load_dataset``."""
+class PreferenceSourceConfig:
+    """One preference dataset, read by ``datasets.load_dataset`` and mapped by its row schema."""
 
-    _target_: str = "backbone.tasks.preference.PreferenceDatasetTask"
-    name: str = "preferences"
     # first argument of datasets.load_dataset: a hub id, a local folder, or a builder
     # ("json", "csv", "parquet")
     path: str = MISSING
     data_files: Any = None
+    data_dir: str | None = None
+    # how a row reads as (prompt, chosen, rejected), backbone/tasks/schemas.py: preference (the
+    # three *_key columns) | hh_rlhf | rm_static | shp | stack_exchange_paired
+    schema: str = "preference"
     train_split: str = "train"
     eval_split: str = "test"
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
-    # RL prompts come from the train split's prompts, eval prompts from the eval split's
+    # read only the first max_rows rows of each split (a sample of a huge dataset); null: all
+    max_rows: int | None = None
+
+
+@dataclass
+class PreferenceTaskConfig:
+    """How a preference task gives its rows to the stages (backbone/tasks/blend.py)."""
+
+    name: str = "preferences"
+    # [sft, reward, rl] shares of each dataset's rows, disjoint (DeepSpeed-Chat's data_split 2,4,4);
+    # null: every stage reads every row. RL prompts come from the train split's rl rows, eval
+    # prompts from the eval split's
+    stage_split: list[float] | None = None
     n_eval_prompts: int = 64
     seed: int = 0
+    # every prompt is put through the model's template (LLaMA's BOS, say)
+    prompt_template: str = "${oc.select:model.prompt_template,'{prompt}'}"
+
+
+@dataclass
+class PreferenceDatasetConfig(PreferenceTaskConfig, PreferenceSourceConfig):
+    """A task over one preference dataset."""
+
+    _target_: str = "backbone.tasks.preference.PreferenceDatasetTask"
+
+
+@dataclass
+class BlendSourceConfig(PreferenceSourceConfig):
+    # share of the blend, relative to the other sources' weights
+    weight: float = 1.0
+
+
+@dataclass
+class BlendConfig(PreferenceTaskConfig):
+    """A task over several preference datasets, mixed by weight."""
+
+    _target_: str = "backbone.tasks.preference.BlendedPreferenceTask"
+    name: str = "blend"
+    # source name -> dataset and weight
+    sources: dict[str, BlendSourceConfig] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- model
@@ -76,6 +115,13 @@ class ModelConfig:
     max_length: int = 64
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # what a preference task wraps every prompt in; "<s>{prompt}" starts LLaMA's prompts with BOS
+    # (the code tokenises without special tokens). The tokenizer's pad token is EOS when it has none.
+    prompt_template: str = "{prompt}"
+    # recompute activations in backward (SFT and reward-model training): memory for compute
+    gradient_checkpointing: bool = False
+    # the modules LoRA adapts in this architecture (gpt2: c_attn; gpt_neox: query_key_value; ...)
+    lora_target_modules: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- stages
@@ -93,6 +139,9 @@ class SFTConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     eval_every: int = 100
+    # concatenate examples (each closed by its EOS) into blocks of model.max_length with no padding
+    # (StackLLaMA); a batch is then batch_size blocks, so an epoch takes fewer steps
+    packing: bool = False
 
 
 @dataclass
@@ -342,6 +391,7 @@ def register_configs() -> None:
         "task": {
             "toy_reviews_schema": ToyReviewsConfig,
             "preference_dataset_schema": PreferenceDatasetConfig,
+            "preference_blend_schema": BlendConfig,
         },
         "model": {"model_schema": ModelConfig},
         "algorithm": {

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -131,13 +132,31 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+def with_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> PreTrainedModel:
+    """Recompute activations in backward when ``enabled`` (transformers does so in train mode only;
+    non-reentrant, so gradients also pass layers whose inputs are frozen, as under LoRA)."""
+    if enabled:
+        model.activation_checkpointing_enable()
+    return model
+
+
 def load_causal_lm(
-    path: str | Path, dtype: str = "float32", trust_remote_code: bool = False
+    path: str | Path,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
     """AutoModelForCausalLM from safetensors weights; the same path for tiny and real models."""
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    return with_gradient_checkpointing(model, gradient_checkpointing)
+
+
+def max_positions(path: str | Path, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a saved model's position embeddings allow; None when its config has no limit."""
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -162,11 +181,21 @@ def token_logprobs(logits: Tensor, labels: Tensor, entropy: bool = True) -> tupl
 def response_logprobs(
     model: PreTrainedModel, rollouts: Rollouts, entropy: bool = True
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs and entropies of the response tokens, [B, T]: logits at P-1+t predict token P+t."""
-    prompt_len = rollouts.prompt_ids.shape[1]
+    """Log-probs and entropies of the response tokens, [B, T]: logits at P-1+t predict token P+t.
+
+    Only the last T+1 positions go through the LM head (``logits_to_keep``): the prompt's logits
+    would be [B, P, V] of compute and memory that nothing reads. The slice below is from the right,
+    so it picks the same positions from a model that returns every position's logits.
+    """
+    response_len = rollouts.response_ids.shape[1]
     mask = rollouts.attention_mask
-    logits = model(input_ids=rollouts.input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    logprobs, ent = token_logprobs(logits[:, prompt_len - 1 : -1], rollouts.response_ids, entropy)
+    logits = model(
+        input_ids=rollouts.input_ids,
+        attention_mask=mask,
+        position_ids=position_ids(mask),
+        logits_to_keep=response_len + 1,
+    ).logits[:, -(response_len + 1) : -1]  # [B, T, V]
+    logprobs, ent = token_logprobs(logits, rollouts.response_ids, entropy)
     response_mask = rollouts.response_mask
     return logprobs * response_mask, ent * response_mask if ent is not None else None
 
@@ -188,7 +217,8 @@ class ValueModel(nn.Module):
             raise ValueError(f"reward.pooling={pooling!r}: expected 'last' or 'mean'")
         self.body = body
         self.pooling = pooling
-        hidden = body.config.hidden_size
+        # the width of the last hidden state: the embeddings' (OPT-350m projects its 1024 down to 512)
+        hidden = body.get_input_embeddings().embedding_dim
         self.head = nn.Linear(hidden, 1, dtype=body.dtype)
         # small head (lm-human-preferences: N(0, 1/sqrt(d+1))) so initial scores are near 0
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
@@ -215,13 +245,18 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_causal_lm(
-        cls, path: str | Path, pooling: str = "last", dtype: str = "float32", trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        pooling: str = "last",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> ValueModel:
         """The body of a saved causal LM (its LM head dropped) with a fresh value head."""
         body = AutoModel.from_pretrained(
             str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
-        return cls(body, pooling)
+        return cls(with_gradient_checkpointing(body, gradient_checkpointing), pooling)
 
     def save_pretrained(self, path: str | Path, **metadata) -> None:
         path = Path(path)

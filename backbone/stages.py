@@ -35,6 +35,7 @@ from backbone.models import (
     encode_pair,
     load_causal_lm,
     load_tokenizer,
+    max_positions,
     pad_pairs,
     position_ids,
     train_word_tokenizer,
@@ -184,12 +185,16 @@ def _base_key(cfg: DictConfig) -> dict:
 
 def build_base(cfg: DictConfig, task: Task) -> str | Path:
     """The model SFT starts from: a locally built tiny model (an artifact), or ``model.name_or_path``."""
-    if cfg.model.name_or_path is not None:
-        return cfg.model.name_or_path
-    if cfg.model.max_length > cfg.model.n_positions:
-        raise ValueError(
-            f"model.max_length={cfg.model.max_length} exceeds model.n_positions={cfg.model.n_positions}"
-        )
+    model = cfg.model
+    if model.name_or_path is not None:
+        positions = max_positions(model.name_or_path, model.trust_remote_code)
+        limit = f"the max_position_embeddings of {model.name_or_path}"
+    else:
+        positions, limit = model.n_positions, "model.n_positions"
+    if positions is not None and model.max_length > positions:
+        raise ValueError(f"model.max_length={model.max_length} exceeds {limit}={positions}")
+    if model.name_or_path is not None:
+        return model.name_or_path
 
     def build(folder: Path) -> None:
         tokenizer = train_word_tokenizer(task.corpus())
@@ -216,6 +221,45 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor
     return nll, (targets != -100).sum()
 
 
+def pack_pairs(pairs: Pairs, block_size: int) -> list[tuple[list[int], list[int]]]:
+    """StackLLaMA's packing (TRL's ConstantLengthDataset): the pairs' tokens as one stream, cut into
+    blocks of ``block_size`` with no padding; the last block keeps the remainder, so every token is
+    in exactly one block, in order.
+
+    A pair is prompt + response, and the EOS that closes the response separates it from the next
+    pair. Returns (ids, loss_mask) per block, the mask 1 on response tokens: the padded path's loss
+    (a response token at a block's first column has no context and goes unpredicted). As in TRL,
+    positions run on across pairs and attention crosses the separator.
+    """
+    ids = [token for prompt, response in pairs for token in (*prompt, *response)]
+    loss_mask = [m for prompt, response in pairs for m in (*[0] * len(prompt), *[1] * len(response))]
+    return [(ids[i : i + block_size], loss_mask[i : i + block_size]) for i in range(0, len(ids), block_size)]
+
+
+def pad_blocks(blocks: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Tensor]:
+    """Packed blocks, right-padded to the longest (only the stream's last block is short): input_ids,
+    attention_mask and response_mask (the loss mask), each [B, L]."""
+    width = max(len(ids) for ids, _ in blocks)
+    input_ids = torch.full((len(blocks), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    for i, (ids, loss_mask) in enumerate(blocks):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        response_mask[i, : len(ids)] = torch.tensor(loss_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def sft_train_rows(
+    pairs: Pairs, packing: bool, max_length: int, pad: int
+) -> tuple[list, Callable[[list], dict[str, Tensor]]]:
+    """SFT's train rows and how a list of them becomes a batch: the pairs themselves, padded, or
+    packed blocks of ``max_length`` (``sft.packing``)."""
+    if packing:
+        return pack_pairs(pairs, max_length), lambda rows: pad_blocks(rows, pad)
+    return pairs, lambda rows: pad_pairs(rows, pad)
+
+
 @torch.no_grad()
 def mean_sft_loss(model: nn.Module, pairs: Pairs, pad: int, device: torch.device, batch_size: int) -> float:
     """Mean -log p per response token over ``pairs`` (the held-out SFT loss)."""
@@ -234,22 +278,26 @@ def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str |
     device = resolve_device(cfg.engine.device)
     torch.manual_seed(cfg.sft.seed)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(base_path, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+    model = load_causal_lm(
+        base_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.gradient_checkpointing
+    ).to(device)
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
     train, truncated = encode_rows(tokenizer, train_rows, "response", max_length, "SFT train")
     held_out, _ = encode_rows(tokenizer, eval_rows, "response", max_length, "SFT eval")
+    rows, collate = sft_train_rows(train, cfg.sft.packing, max_length, pad)
     tokens = 0
 
     def loss_fn(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
         nonlocal tokens
-        nll, n = sft_loss(model, _to(pad_pairs([train[i] for i in indices], pad), device))
+        nll, n = sft_loss(model, _to(collate([rows[i] for i in indices]), device))
         tokens += int(n)
         return nll / n.clamp(min=1), {"tokens": tokens}
 
     def evaluate() -> dict[str, float]:
+        # held-out pairs are scored one per row in both modes, so the loss compares across them
         return {"eval_loss": mean_sft_loss(model, held_out, pad, device, cfg.sft.batch_size)}
 
-    final = _fit(model, cfg.sft, len(train), loss_fn, evaluate, log, "sft")
+    final = _fit(model, cfg.sft, len(rows), loss_fn, evaluate, log, "sft")
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     metrics = {**final, "sft/tokens": tokens, "sft/truncated": truncated, "sft/train_examples": len(train)}
@@ -300,6 +348,7 @@ def train_reward_model(
         pooling=cfg.reward.pooling,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
     ).to(device)
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
     chosen, cut_chosen = encode_rows(tokenizer, train_rows, "chosen", max_length, "preference train (chosen)")

@@ -51,3 +51,9 @@ def read_history(run_dir: Path) -> list[dict]:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Rows as a JSON-lines file, for ``datasets.load_dataset("json", data_files=...)``; returns its path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)

@@ -3,20 +3,15 @@ missing splits and columns fail with useful messages, unusable rows are skipped 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import datasets
 import pytest
+from conftest import write_jsonl
 
 from backbone.tasks.base import Task
 from backbone.tasks.preference import SKIP_REASONS, PreferenceDatasetTask
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def pair(i: int, prompt: str | None = None) -> dict:

@@ -52,6 +52,10 @@ class Task(ABC):
     def corpus(self) -> list[str]:
         """Texts (prompts and responses) to train a tokenizer on."""
 
+    def data_stats(self) -> dict[str, int]:
+        """Counts about the task's data for the run summary (rows per stage, rows skipped and why)."""
+        return {}
+
     def chosen_response(self, prompt: str) -> str | None:
         """A preferred response to ``prompt`` from the task's train preference pairs (the first
         pair of that prompt), or None; RRHF can rank it beside the policy's samples."""

@@ -1,128 +1,203 @@
-"""A task read from a preference dataset: rows of (prompt, chosen, rejected), no gold reward.
+"""Tasks read from preference datasets: rows of (prompt, chosen, rejected), no gold reward.
 
-The dataset is loaded with ``datasets.load_dataset(path, data_files=data_files)`` and checked
-when the task is built, before any training: missing splits or columns fail with a message
-naming what is missing and what is there, and unusable rows are skipped and counted.
+A ``PreferenceSource`` is one dataset, loaded with ``datasets.load_dataset(path, data_files=...,
+data_dir=...)`` and read through its row schema (``backbone.tasks.schemas``: hh_rlhf, rm_static,
+shp, stack_exchange_paired, or ``preference``, three named columns). It is checked when the task
+is built, before any training: missing splits or columns fail with a message naming what is
+missing and what is there, and unusable rows are skipped, counted in ``skipped`` and logged.
 
-- SFT demonstrations are (prompt, chosen); preference pairs are the rows.
-- RL prompts are the unique prompts of the train split; eval prompts are ``n_eval_prompts``
-  unique prompts of the eval split (seeded shuffle) that are not train prompts, so evaluation
-  stays held out even where a dataset repeats prompts across its splits.
-- The tokenizer corpus is every prompt, chosen and rejected text of both splits.
+A ``PreferenceTask`` blends one or more sources and gives each stage its rows
+(``backbone.tasks.blend``; with ``stage_split`` the stages' rows are disjoint):
+
+- SFT demonstrations are (prompt, chosen) of the sft rows; preference pairs are the reward rows.
+- RL prompts are the unique prompts of the train split's rl rows; eval prompts are
+  ``n_eval_prompts`` unique prompts of the eval split's rl rows (seeded shuffle) that are no
+  train prompt of any stage, so evaluation stays held out even where a dataset repeats prompts
+  across its splits.
+- Every prompt is put through ``prompt_template`` (the model's: LLaMA's BOS, say).
+- The tokenizer corpus is every prompt, chosen and rejected text the task uses.
+
+``PreferenceDatasetTask`` is one dataset (``task=hh_rlhf``, ``task=local_preferences``);
+``BlendedPreferenceTask`` is several, each with a weight (``task=blend``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from backbone.tasks.base import Task, check_split
+from backbone.tasks.base import SPLITS, Task, check_split
+from backbone.tasks.blend import blend_and_split
+from backbone.tasks.schemas import SKIP_REASONS, check_pair, row_schema
 
 logger = logging.getLogger(__name__)
 
-# why a row is skipped, in the order the checks run
-SKIP_REASONS = ("non_string", "empty_prompt", "empty_response", "chosen_equals_rejected")
+DEFAULT_KEYS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
 
 
-class PreferenceDatasetTask(Task):
-    has_gold = False
+def _plain(value: Any) -> Any:
+    """Hydra's containers as plain dicts and lists: datasets only recognises those."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class PreferenceSource:
+    """One preference dataset's usable rows per interface split ("train", "eval")."""
 
     def __init__(
         self,
         path: str,
-        name: str = "preferences",
         data_files: Any = None,
+        data_dir: str | None = None,
+        schema: str = "preference",
         train_split: str = "train",
         eval_split: str = "test",
         prompt_key: str = "prompt",
         chosen_key: str = "chosen",
         rejected_key: str = "rejected",
-        n_eval_prompts: int = 64,
-        seed: int = 0,
+        max_rows: int | None = None,
     ) -> None:
-        if isinstance(data_files, DictConfig | ListConfig):
-            # from Hydra: datasets only recognises plain dicts and lists
-            data_files = OmegaConf.to_container(data_files, resolve=True)
-        self.name = name
-        self.path = path
-        self.data_files = data_files
-        self.keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
-        self.split_names = {"train": train_split, "eval": eval_split}
+        data_files = _plain(data_files)
+        self.source = f"path={path!r}, data_files={data_files!r}, data_dir={data_dir!r}"
+        keys = {"prompt": prompt_key, "chosen": chosen_key, "rejected": rejected_key}
+        if schema != "preference" and keys != DEFAULT_KEYS:
+            raise ValueError(
+                f"{self.source}: prompt/chosen/rejected keys are read by schema 'preference' only"
+            )
+        self.schema = row_schema(schema, prompt_key, chosen_key, rejected_key)
+        split_names = {"train": train_split, "eval": eval_split}
         # "<dataset split>/<reason>" -> rows skipped
         self.skipped: dict[str, int] = {}
 
-        loaded = datasets.load_dataset(path, data_files=data_files)
-        source = f"path={path!r}, data_files={data_files!r}"
-        for split in self.split_names.values():
+        loaded = datasets.load_dataset(path, data_files=data_files, data_dir=data_dir)
+        for split in split_names.values():
             if split not in loaded:
-                raise ValueError(f"split {split!r} not found in {source}; available splits: {list(loaded)}")
+                raise ValueError(
+                    f"split {split!r} not found in {self.source}; available splits: {list(loaded)}"
+                )
             columns = loaded[split].column_names
-            for role, key in self.keys.items():
-                if key not in columns:
+            for column in self.schema.columns:
+                if column not in columns:
                     raise ValueError(
-                        f"column {key!r} ({role}_key) not found in split {split!r} of {source}; "
-                        f"available columns: {columns}"
+                        f"column {column!r} (schema {schema!r}) not found in split {split!r} of "
+                        f"{self.source}; available columns: {columns}"
                     )
         rows = {
-            split: self._valid_rows(loaded[split], split)
-            for split in dict.fromkeys(self.split_names.values())
+            split: self._valid_rows(_head(loaded[split], max_rows), split)
+            for split in dict.fromkeys(split_names.values())
         }
-        self._pairs = {role: rows[split] for role, split in self.split_names.items()}
-
-        self._rl_prompts = list(dict.fromkeys(row["prompt"] for row in self._pairs["train"]))
-        train_prompts = set(self._rl_prompts)
-        eval_unique = list(dict.fromkeys(row["prompt"] for row in self._pairs["eval"]))
-        held_out = [p for p in eval_unique if p not in train_prompts]
-        if len(held_out) < len(eval_unique):
-            logger.warning(
-                "%d of %d unique prompts of split %r are also train prompts; left out of eval prompts",
-                len(eval_unique) - len(held_out), len(eval_unique), eval_split,
-            )  # fmt: skip
-        if not held_out:
-            raise ValueError(
-                f"split {eval_split!r} of {source} has no prompt that is not also a train prompt"
-            )
-        random.Random(seed).shuffle(held_out)
-        self._eval_prompts = held_out[:n_eval_prompts]
+        self.rows = {role: rows[split] for role, split in split_names.items()}
+        self.split_names = split_names
 
     def _valid_rows(self, dataset: datasets.Dataset, split: str) -> list[dict]:
         """The usable rows of one split as {"prompt", "chosen", "rejected"}; the rest go to ``skipped``."""
         counts = dict.fromkeys(SKIP_REASONS, 0)
         rows = []
-        columns = [dataset[key] for key in self.keys.values()]
-        for prompt, chosen, rejected in zip(*columns):
-            reason = _skip_reason(prompt, chosen, rejected)
+        for values in zip(*(dataset[column] for column in self.schema.columns)):
+            pair = self.schema.adapt(*values)
+            reason = pair if isinstance(pair, str) else check_pair(pair)
             if reason is None:
-                rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                rows.append(dict(zip(("prompt", "chosen", "rejected"), pair)))
             else:
                 counts[reason] += 1
         self.skipped |= {f"{split}/{reason}": n for reason, n in counts.items()}
         if any(counts.values()):
             logger.warning(
-                "split %r: skipped %d of %d rows (%s)",
-                split, sum(counts.values()), len(dataset),
+                "split %r of %s: skipped %d of %d rows (%s)",
+                split, self.source, sum(counts.values()), len(dataset),
                 ", ".join(f"{reason}: {n}" for reason, n in counts.items() if n),
             )  # fmt: skip
         if not rows:
             raise ValueError(
-                f"split {split!r} of path={self.path!r}, data_files={self.data_files!r} has no valid rows "
-                f"(of {len(dataset)}; skipped: {counts})"
+                f"split {split!r} of {self.source} has no valid rows (of {len(dataset)}; skipped: {counts})"
             )
         return rows
+
+
+class PreferenceTask(Task):
+    """Preference sources blended by weight, their rows split between the stages (module docstring)."""
+
+    has_gold = False
+
+    def __init__(
+        self,
+        name: str,
+        sources: Mapping[str, PreferenceSource],
+        weights: Mapping[str, float],
+        skipped: dict[str, int],
+        stage_split: Sequence[float] | None = None,
+        n_eval_prompts: int = 64,
+        seed: int = 0,
+        prompt_template: str = "{prompt}",
+    ) -> None:
+        self.name = name
+        # "[<source name>/]<dataset split>/<reason>" -> rows skipped
+        self.skipped = skipped
+        stage_split = _plain(stage_split)
+        template = _check_template(prompt_template)
+        # interface split -> stage -> rows
+        self._stages: dict[str, dict[str, list[dict]]] = {}
+        for split in SPLITS:
+            rows = {
+                source_name: [
+                    {**row, "prompt": template.format(prompt=row["prompt"])} for row in source.rows[split]
+                ]
+                for source_name, source in sources.items()
+            }
+            stages = blend_and_split(rows, weights, stage_split, seed=f"{seed}:{split}")
+            self._check_stages(stages, split, sources, stage_split)
+            self._stages[split] = stages
+
+        self._rl_prompts = _unique_prompts(self._stages["train"]["rl"])
+        train_prompts = {row["prompt"] for rows in self._stages["train"].values() for row in rows}
+        eval_unique = _unique_prompts(self._stages["eval"]["rl"])
+        held_out = [p for p in eval_unique if p not in train_prompts]
+        if len(held_out) < len(eval_unique):
+            logger.warning(
+                "task %r: %d of %d unique eval prompts are also train prompts; left out of eval prompts",
+                name, len(eval_unique) - len(held_out), len(eval_unique),
+            )  # fmt: skip
+        if not held_out:
+            raise ValueError(f"task {name!r}: the eval split has no prompt that is not also a train prompt")
+        random.Random(seed).shuffle(held_out)
+        self._eval_prompts = held_out[:n_eval_prompts]
+        self._chosen_by_prompt: dict[str, str] = {}
+        for row in self._stages["train"]["rl"]:
+            self._chosen_by_prompt.setdefault(row["prompt"], row["chosen"])
+
+    def _check_stages(
+        self,
+        stages: dict[str, list[dict]],
+        split: str,
+        sources: Mapping[str, PreferenceSource],
+        stage_split: Sequence[float] | None,
+    ) -> None:
+        """Every stage needs rows; log how many each got, from where."""
+        names = ", ".join(f"{n} ({s.split_names[split]!r} of {s.source})" for n, s in sources.items())
+        sizes = {stage: len(rows) for stage, rows in stages.items()}
+        logger.info("task %r, %s split of %s: rows per stage %s", self.name, split, names, sizes)
+        empty = [stage for stage, n in sizes.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"task {self.name!r}: stage_split={stage_split} leaves no {split} rows for stage(s) {empty} "
+                f"of {names}; rows per stage: {sizes}"
+            )
 
     # ------------------------------------------------------------------ Task interface
 
     def sft_examples(self, split: str) -> list[dict]:
         check_split(split)
-        return [{"prompt": row["prompt"], "response": row["chosen"]} for row in self._pairs[split]]
+        return [{"prompt": row["prompt"], "response": row["chosen"]} for row in self._stages[split]["sft"]]
 
     def preference_pairs(self, split: str) -> list[dict]:
         check_split(split)
-        return [dict(row) for row in self._pairs[split]]
+        return [dict(row) for row in self._stages[split]["reward"]]
 
     def rl_prompts(self) -> list[str]:
         return list(self._rl_prompts)
@@ -130,20 +205,98 @@ class PreferenceDatasetTask(Task):
     def eval_prompts(self) -> list[str]:
         return list(self._eval_prompts)
 
+    def data_stats(self) -> dict[str, int]:
+        """``rows/<split>/<stage>`` and ``skipped/<skipped key>`` counts."""
+        rows = {
+            f"rows/{split}/{stage}": len(r)
+            for split, stages in self._stages.items()
+            for stage, r in stages.items()
+        }
+        return rows | {f"skipped/{key}": n for key, n in self.skipped.items()}
+
+    def chosen_response(self, prompt: str) -> str | None:
+        """The chosen response of the first rl row of ``prompt``: RL prompts need not be reward rows."""
+        return self._chosen_by_prompt.get(prompt)
+
     def gold_reward(self, prompts: list[str], responses: list[str]) -> None:
         return None
 
     def corpus(self) -> list[str]:
-        return [row[field] for rows in self._pairs.values() for row in rows for field in row]
+        # a row shared by several stages (no stage_split) counts once
+        rows = {id(row): row for split in self._stages.values() for stage in split.values() for row in stage}
+        return [row[field] for row in rows.values() for field in ("prompt", "chosen", "rejected")]
 
 
-def _skip_reason(prompt: Any, chosen: Any, rejected: Any) -> str | None:
-    if not all(isinstance(text, str) for text in (prompt, chosen, rejected)):
-        return "non_string"
-    if not prompt.strip():
-        return "empty_prompt"
-    if not chosen.strip() or not rejected.strip():
-        return "empty_response"
-    if chosen.strip() == rejected.strip():
-        return "chosen_equals_rejected"
-    return None
+class PreferenceDatasetTask(PreferenceTask):
+    """One preference dataset as a task: ``source`` holds the ``PreferenceSource`` arguments (path,
+    data_files, schema, ...); ``skipped`` keys are "<dataset split>/<reason>"."""
+
+    def __init__(
+        self,
+        path: str,
+        name: str = "preferences",
+        stage_split: Sequence[float] | None = None,
+        n_eval_prompts: int = 64,
+        seed: int = 0,
+        prompt_template: str = "{prompt}",
+        **source: Any,
+    ) -> None:
+        dataset = PreferenceSource(path, **source)
+        super().__init__(
+            name,
+            {name: dataset},
+            {name: 1.0},
+            dataset.skipped,
+            stage_split,
+            n_eval_prompts,
+            seed,
+            prompt_template,
+        )
+
+
+class BlendedPreferenceTask(PreferenceTask):
+    """Several preference datasets, each ``{weight, **PreferenceSource arguments}`` under its name;
+    ``skipped`` keys are "<source name>/<dataset split>/<reason>"."""
+
+    def __init__(
+        self,
+        sources: Mapping[str, Mapping[str, Any]],
+        name: str = "blend",
+        stage_split: Sequence[float] | None = None,
+        n_eval_prompts: int = 64,
+        seed: int = 0,
+        prompt_template: str = "{prompt}",
+    ) -> None:
+        if not sources:
+            raise ValueError(f"task {name!r}: a blend needs at least one source")
+        built, weights = {}, {}
+        for source_name, spec in _plain(sources).items():
+            spec = dict(spec)
+            weights[source_name] = spec.pop("weight", 1.0)
+            built[source_name] = PreferenceSource(**spec)
+        skipped = {
+            f"{source_name}/{key}": n
+            for source_name, source in built.items()
+            for key, n in source.skipped.items()
+        }
+        super().__init__(name, built, weights, skipped, stage_split, n_eval_prompts, seed, prompt_template)
+
+
+def _head(dataset: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:
+    return dataset if max_rows is None else dataset.select(range(min(max_rows, len(dataset))))
+
+
+def _unique_prompts(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(row["prompt"] for row in rows))
+
+
+def _check_template(template: str) -> str:
+    """A format string whose one field is {prompt}."""
+    problem = f"prompt_template={template!r}: expected a format string with {{prompt}} as its only field"
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(problem) from error
+    if "{prompt}" not in template:
+        raise ValueError(problem)
+    return template
