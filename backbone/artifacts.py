@@ -5,6 +5,7 @@ for the same key gets the same folder. A folder counts only once it holds the ``
 marker, and it reaches its final name only by an atomic rename of a finished temporary
 folder, so a build killed midway is never mistaken for a finished one. A file lock per
 artifact makes concurrent jobs build it once: the first builds, the others wait and reuse.
+Within one distributed run, rank 0 builds and the other ranks wait for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 
 from filelock import FileLock
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from backbone import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Cal
     if (final / COMPLETE).exists():
         logger.info("artifact cache hit: %s", final)
         return final
+    if not distributed.is_main():
+        return _wait_for(final)
     with FileLock(str(root / f"{name}.lock")):
         if (final / COMPLETE).exists():
             logger.info("artifact %s was built by another process while waiting", final)
@@ -77,4 +83,14 @@ def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Cal
         (tmp / "key.json").write_text(json.dumps(_plain(key), indent=2, sort_keys=True, default=str))
         (tmp / COMPLETE).touch()
         os.replace(tmp, final)
+    return final
+
+
+def _wait_for(final: Path, poll_s: float = 2.0) -> Path:
+    """Ranks other than 0 of a distributed run wait for rank 0 to build (transformers saves on
+    rank 0 only, and a stage is trained once, not per rank). No timeout: if rank 0 dies, the
+    launcher stops every rank."""
+    logger.info("waiting for rank 0 to build %s", final)
+    while not (final / COMPLETE).exists():
+        time.sleep(poll_s)
     return final

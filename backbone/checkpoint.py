@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``iter-<N>``: the actor (and critic) in Hugging Face format
 (safetensors), usable on their own with ``from_pretrained``, and ``trainer_state.pt`` with
-everything else a resume needs (optimiser, schedule, KL controller, reward statistics, EMA,
-counters, prompt-stream position, RNG states, the W&B run id, the run's config). It is
+everything else a resume needs (KL controller, reward statistics, EMA,
+counters, prompt-stream position, RNG states, the W&B run id, the run's config), with the
+engine's own optimiser state beside it (``engine.pt``, or DeepSpeed's ``deepspeed/``). It is
 written under a temporary name and renamed into place, so a half-written checkpoint is
 never seen; ``trainer_state.pt`` is written last, so a folder without it is not complete.
 
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from backbone import distributed
 from backbone.models import VALUE_HEAD_FILE, PolicyStack
 
 log = logging.getLogger(__name__)
@@ -46,21 +48,33 @@ class CheckpointManager:
         self.keep = keep
         self.tokenizer = tokenizer
 
-    def save(self, state: dict, stack: PolicyStack, iteration: int) -> Path:
+    def save(self, state: dict, stack: PolicyStack, iteration: int, engine) -> Path:
+        """Every rank calls this (DeepSpeed writes each rank's shards); rank 0 exports the weights,
+        writes the trainer state last and renames the folder into place."""
         final = self.root / f"iter-{iteration:06d}"
-        tmp = self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        stack.actor.save_pretrained(tmp / "actor")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp / "actor")
-        if stack.critic is not None:
-            stack.critic.save_pretrained(tmp / "critic")
-        torch.save(state, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self.prune()
-        log.info("checkpoint written: %s", final)
+        tmp = Path(distributed.broadcast(str(self.root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")))
+        if distributed.is_main():
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        engine.save_checkpoint(tmp)
+        with engine.gathered():
+            if distributed.is_main():
+                stack.actor.save_pretrained(tmp / "actor")
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp / "actor")
+                if stack.critic is not None:
+                    stack.critic.save_pretrained(tmp / "critic")
+        if not distributed.is_main():  # the ranks' own RNG streams
+            torch.save(state, tmp / state_file(distributed.rank()))
+        distributed.barrier()
+        if distributed.is_main():
+            torch.save(state, tmp / STATE_FILE)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self.prune()
+            log.info("checkpoint written: %s", final)
+        distributed.barrier()
         return final
 
     def complete(self) -> list[Path]:
@@ -78,8 +92,13 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def state_file(rank: int) -> str:
+    return STATE_FILE if rank == 0 else f"trainer_state-rank{rank}.pt"
+
+
 def load_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    """This rank's trainer state (ranks differ only in their RNG streams)."""
+    return torch.load(checkpoint / state_file(distributed.rank()), map_location="cpu", weights_only=True)
 
 
 def restore_weights(stack: PolicyStack, checkpoint: Path) -> None:

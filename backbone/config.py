@@ -235,12 +235,20 @@ class PeftConfig:
 
 @dataclass
 class EngineConfig:
+    # torch: plain PyTorch, one process | deepspeed: actor and critic under one DeepSpeed engine,
+    # launched with `deepspeed --num_gpus N --module experiments.run ...` (or torchrun)
     name: str = "torch"
-    # cpu | cuda | auto
+    # cpu | cuda | auto (under a launcher: the rank's own GPU)
     device: str = "auto"
     # intra-op CPU threads per job; 1 is robust when jobs or other processes share the cores
     # (2 threads are ~25% faster on an idle 2-core machine and 10x slower on a busy one); 0: torch's default
     cpu_threads: int = 1
+    # deepspeed only: ZeRO stage 0-3, optimiser state (and, at stage 3, parameters) offloaded to CPU
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # deepspeed only: fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
+    precision: str = "fp32"
 
 
 @dataclass

@@ -1,22 +1,40 @@
-"""The one place that knows how parameters are stepped: optimiser, schedule, clipping.
+"""The one place that knows how parameters are stepped: optimiser, schedule, clipping, ranks.
 
-``TorchEngine`` is plain PyTorch on one device. Actor and critic share one AdamW (with a
-parameter group per role, built once by the policy stack), so a distributed engine can
-wrap them as one model.
+Actor and critic share one AdamW with a parameter group per role (built once by the policy
+stack), so one engine holds both, as the design recommends over a one-model-per-engine wrapper.
+
+- ``TorchEngine``: plain PyTorch on one device.
+- ``DeepSpeedEngine`` (``engine=deepspeed_zero1|2|3``): the same optimiser and schedule handed
+  to ``deepspeed.initialize`` with a JSON config built from ``engine.*`` and ``optim.*``;
+  DeepSpeed all-reduces gradients over the ranks, clips, partitions (ZeRO) and steps.
+
+Both skip a step whose gradient is not finite (``step`` returns None): weights, optimiser
+moments and schedule stay as they were. Both save and load their own resume state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from backbone import distributed
+from backbone.checkpoint import restore_weights
+
+ENGINE_STATE_FILE = "engine.pt"
+
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is one, else the CPU."""
+    """``auto`` is CUDA when there is one (the rank's own GPU under a launcher), else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.initialized():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -43,16 +61,28 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return multiplier
 
 
+def adamw_with_schedule(param_groups: list[dict], optim_cfg, total_steps: int):
+    optimizer = torch.optim.AdamW(
+        param_groups, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(optim_cfg.scheduler, optim_cfg.warmup_steps, total_steps)
+    )
+    return optimizer, scheduler
+
+
+def build_engine(stack: nn.Module, param_groups: list[dict], cfg, total_steps: int, minibatch_size: int):
+    if cfg.engine.name == "deepspeed":
+        micro_batch = max(1, minibatch_size // distributed.world_size())
+        return DeepSpeedEngine(stack, param_groups, cfg.optim, total_steps, cfg.engine, micro_batch)
+    return TorchEngine(stack, param_groups, cfg.optim, total_steps)
+
+
 class TorchEngine:
     def __init__(self, model: nn.Module, param_groups: list[dict], optim_cfg, total_steps: int):
         self.model = model
         self.grad_clip = optim_cfg.grad_clip
-        self.optimizer = torch.optim.AdamW(
-            param_groups, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(optim_cfg.scheduler, optim_cfg.warmup_steps, total_steps)
-        )
+        self.optimizer, self.scheduler = adamw_with_schedule(param_groups, optim_cfg, total_steps)
         self.params = [p for group in param_groups for p in group["params"]]
 
     def backward(self, loss: Tensor) -> None:
@@ -74,9 +104,95 @@ class TorchEngine:
     def learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """The full trainable weights, readable inside the block (they always are here)."""
+        return contextlib.nullcontext()
 
-    def load_state_dict(self, state: dict) -> None:
+    def save_checkpoint(self, folder: Path) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, folder / ENGINE_STATE_FILE)
+
+    def load_checkpoint(self, folder: Path, stack) -> None:
+        """Weights from the checkpoint's Hugging Face export, optimiser and schedule from its state."""
+        restore_weights(stack, folder)
+        state = torch.load(folder / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def deepspeed_config(engine_cfg, optim_cfg, micro_batch_size: int) -> dict:
+    """DeepSpeed's JSON config from the Hydra config. One optimiser step per minibatch: the
+    trainer accumulates nothing, so DeepSpeed's batch sizes only describe a minibatch."""
+    zero: dict = {"stage": engine_cfg.zero_stage}
+    if engine_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if engine_cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim_cfg.grad_clip or 0.0,
+        "zero_optimization": zero,
+        # the trainer's own AdamW (one parameter group per role), not a DeepSpeed-built one
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": engine_cfg.precision == "bf16"},
+        "fp16": {"enabled": engine_cfg.precision == "fp16", "loss_scale": 0},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+class DeepSpeedEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict],
+        optim_cfg,
+        total_steps: int,
+        engine_cfg,
+        micro_batch: int,
+    ):
+        import deepspeed  # lazy: a single-process run never needs it
+
+        self.zero_stage = engine_cfg.zero_stage
+        self.config = deepspeed_config(engine_cfg, optim_cfg, micro_batch)
+        optimizer, scheduler = adamw_with_schedule(param_groups, optim_cfg, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        self.params = [p for group in param_groups for p in group["params"]]
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float | None:
+        """DeepSpeed reduces, clips and steps; at ZeRO 1-3 it skips a step whose gradient is not
+        finite on any rank (weights and schedule untouched), which ``was_step_applied`` reports."""
+        self.engine.step()
+        if not self.engine.was_step_applied():
+            return None
+        return float(self.engine.get_global_grad_norm())
+
+    def learning_rates(self) -> dict[str, float]:
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """ZeRO-3 partitions the weights over the ranks: gather them for the block (every rank
+        must enter it). Below stage 3 every rank holds them whole."""
+        if self.zero_stage < 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(self.params, modifier_rank=None):
+            yield
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """DeepSpeed's own checkpoint (every rank writes its shards); the config beside it."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        if distributed.is_main():
+            (folder / "deepspeed" / "ds_config.json").write_text(json.dumps(self.config, indent=2))
+
+    def load_checkpoint(self, folder: Path, stack) -> None:
+        """Weights, optimiser and schedule, each rank its own shards."""
+        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")

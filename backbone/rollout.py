@@ -53,6 +53,9 @@ class RolloutCollector:
         self.cfg = rollout_cfg
         self.device = device
         self.timer = PhaseTimer(device)
+        # ZeRO-3 ranks gather weights together at every forward: all keep generating until the
+        # last rank's responses are done
+        self.synced_gpus = False
         self.max_prompt_len = max_length - rollout_cfg.max_new_tokens
         if self.max_prompt_len < 1:
             raise ValueError(
@@ -131,6 +134,7 @@ class RolloutCollector:
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 generation_config=self.generation_config(greedy),
+                synced_gpus=self.synced_gpus,
             )  # [B, P + T]
         response_ids = sequences[:, prompt_ids.shape[1] :]
         group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)

@@ -31,10 +31,11 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from algorithms.base import Algorithm
+from backbone import distributed
 from backbone.batch import Batch, Rollouts
-from backbone.checkpoint import CheckpointManager, restore_weights
+from backbone.checkpoint import CheckpointManager
 from backbone.ema import EMA
-from backbone.engine import TorchEngine
+from backbone.engine import build_engine
 from backbone.kl import build_kl_controller
 from backbone.ptx import SFTMixer
 from backbone.rng import rng_state, set_rng_state
@@ -141,11 +142,12 @@ class Trainer:
         steps_per_iteration = algorithm.ppo_epochs * -(
             -cfg.rollout.samples_per_iteration // algorithm.minibatch_size
         )
-        self.engine = TorchEngine(
+        self.engine = build_engine(
             self.stack,
             self.stack.parameter_groups(algorithm.lr * cfg.optim.lr_scale, critic_lr),
-            cfg.optim,
+            cfg,
             total_steps=self.iterations * steps_per_iteration,
+            minibatch_size=algorithm.minibatch_size,
         )
         self.ptx = SFTMixer(
             task,
@@ -198,6 +200,7 @@ class Trainer:
                 desc=self.algorithm.name,
                 initial=self.iteration,
                 total=self.iterations,
+                disable=not distributed.is_main(),
             )
             for iteration in progress:
                 self.iteration = iteration
@@ -214,6 +217,8 @@ class Trainer:
             batch = self.algorithm.prepare(rollouts)
         with self.timer.phase("update"):
             row = {**rollout_metrics(rollouts, "rollout"), **self.update(batch)}
+        # every rank steps its KL controller with the same, global, measure
+        row = distributed.mean_over_ranks(row)
         row["kl/coef"] = self.kl_ctl.value
         # the shared measure over the policy's own samples drives the controller
         self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
@@ -228,9 +233,11 @@ class Trainer:
             self.log_row({**row, **self.timer.pop()})
         diverged = self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps
         due = iteration % self.cfg.checkpoint_every == 0 or iteration == self.iterations
+        # a signal that reached any rank stops them all after the same iteration
+        self.sigterm = not distributed.all_ranks(not self.sigterm)
         if due or diverged or self.sigterm:
             with self.timer.phase("checkpoint"):
-                checkpoint = self.checkpoints.save(self.state(), self.stack, iteration)
+                checkpoint = self.checkpoints.save(self.state(), self.stack, iteration, self.engine)
         if diverged:
             raise NonFiniteTraining(
                 f"{self.nonfinite_in_a_row} optimiser steps in a row had a non-finite loss or gradient "
@@ -274,8 +281,10 @@ class Trainer:
 
     def collect_next(self, group_offset: int = 0) -> Rollouts:
         """The next prompts of the stream, n samples each (plus the task's chosen responses when the
-        algorithm ranks them), counted."""
-        prompts = self.prompts.take(self.prompts_per_iteration)
+        algorithm ranks them), counted. Under several ranks each takes its share of the prompts."""
+        prompts = self.prompts.take(self.prompts_per_iteration)[
+            distributed.rank() :: distributed.world_size()
+        ]
         rollouts = self.collector.collect(
             prompts,
             self.algorithm.samples_per_prompt,
@@ -292,8 +301,8 @@ class Trainer:
         lengths = rollouts.response_lengths
         if rollouts.sampled is not None:
             lengths = lengths[rollouts.sampled]
-        self.samples += len(lengths)
-        self.tokens += int(lengths.sum())
+        self.samples += int(distributed.sum_over_ranks(len(lengths)))
+        self.tokens += int(distributed.sum_over_ranks(int(lengths.sum())))
 
     def chosen_responses(self, prompts: list[str]) -> list[str] | None:
         """The task's chosen response to each prompt, for algorithms that rank them beside samples."""
@@ -346,7 +355,8 @@ class Trainer:
         """Backward and step; the gradient norm, or None when the step was skipped: a non-finite
         loss never reaches backward, a non-finite gradient never reaches the weights."""
         grad_norm = None
-        if torch.isfinite(total):
+        # a rank that skipped backward would leave the others waiting in the gradient all-reduce
+        if distributed.all_ranks(bool(torch.isfinite(total))):
             self.engine.backward(total)
             grad_norm = self.engine.step()
         if grad_norm is None:
@@ -361,8 +371,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out prompts: sampled responses (reward, gold, KL, length) and greedy ones."""
-        prompts = self.task.eval_prompts()
+        """Held-out prompts: sampled responses (reward, gold, KL, length) and greedy ones; under
+        several ranks each evaluates its share and the means are over all of them."""
+        prompts = distributed.shard(self.task.eval_prompts())
         sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
         greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
@@ -380,7 +391,7 @@ class Trainer:
             gold = sampled.gold.tolist() if sampled.gold is not None else [None] * len(sampled)
             rows = [list(r) for r in zip(sampled.prompts, sampled.responses, sampled.scores.tolist(), gold)]
             self.tracker.log_table("eval/samples", columns, rows, self.step_keys())
-        return row
+        return distributed.mean_over_ranks(row)
 
     # ------------------------------------------------------------------ records
 
@@ -405,7 +416,6 @@ class Trainer:
             "elapsed_s": time.perf_counter() - self.start_time,
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "engine": self.engine.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_shaper": self.collector.shaper.state_dict(),
             "prompt_position": self.prompts.position,
@@ -421,13 +431,13 @@ class Trainer:
         }
 
     def load_state(self, state: dict, checkpoint: Path) -> None:
-        """Continue from a checkpoint: its weights and ``state()``; the next iteration is the one after."""
-        restore_weights(self.stack, checkpoint)
+        """Continue from a checkpoint: the engine's weights and optimiser, and ``state()``; the next
+        iteration is the one after."""
+        self.engine.load_checkpoint(checkpoint, self.stack)
         self.iteration, self.samples, self.tokens = state["iteration"], state["samples"], state["tokens"]
         self.start_time = time.perf_counter() - state["elapsed_s"]
         self.nonfinite_steps = state["nonfinite_steps"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        self.engine.load_state_dict(state["engine"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.collector.shaper.load_state_dict(state["reward_shaper"])
         self.prompts.position = state["prompt_position"]

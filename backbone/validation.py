@@ -13,6 +13,7 @@ from dataclasses import fields, is_dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms.base import Algorithm
+from backbone import distributed
 from backbone.config import CriticConfig
 from backbone.kl import ESTIMATORS
 from backbone.reward import NORMALIZE_MODES
@@ -26,7 +27,8 @@ CHOICES = {
     "reward_model.init": ("sft", "base"),
     # what this version builds: other policy stacks and engines are configs without code yet
     "peft.mode": ("none",),
-    "engine.name": ("torch",),
+    "engine.name": ("torch", "deepspeed"),
+    "engine.precision": ("fp32", "bf16", "fp16"),
 }
 TARGET_PACKAGES = ("backbone.", "algorithms.")
 # an algorithm's own critic settings (ppo_sampled has them for baseline=critic)
@@ -90,8 +92,32 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
             for key, default in _schema_defaults(cfg.algorithm).items()
             if key in CRITIC_KEYS and cfg.algorithm[key] != default
         ]
+    problems += _engine_problems(cfg, rollout.samples_per_iteration // n)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _engine_problems(cfg: DictConfig, prompts_per_iteration: int) -> list[str]:
+    """What the distributed engine cannot do, given the ranks it runs on."""
+    engine, world = cfg.engine, distributed.world_size()
+    problems = []
+    if prompts_per_iteration % world:
+        problems.append(
+            f"{prompts_per_iteration} prompts per iteration cannot be shared equally by {world} ranks "
+            f"(rollout.samples_per_iteration / algorithm.samples_per_prompt)"
+        )
+    if engine.name != "deepspeed":
+        if world > 1:
+            problems.append(f"engine.name={engine.name!r} runs one process; {world} ranks need deepspeed")
+        return problems
+    if engine.zero_stage not in (1, 2, 3):
+        # stage 0 steps a non-finite gradient into the weights; engine=torch is the one-process path
+        problems.append(f"engine.zero_stage={engine.zero_stage}: DeepSpeed runs at ZeRO stage 1, 2 or 3")
+    if engine.offload_param and engine.zero_stage != 3:
+        problems.append("engine.offload_param: parameters are offloaded at ZeRO stage 3 only")
+    if engine.zero_stage == 3 and cfg.ema.enabled:
+        problems.append("ema.enabled with ZeRO-3: the EMA keeps whole weights, which ZeRO-3 partitions")
+    return problems
 
 
 def _schema_defaults(node: DictConfig) -> dict:

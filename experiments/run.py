@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from backbone import distributed
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, resolve_device
@@ -117,6 +118,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     group, name, tags = run_identity(cfg)
     tracker = Tracker(
         run_dir,
+        enabled=distributed.is_main(),
         mode=cfg.logger.mode,
         project=cfg.logger.project,
         entity=cfg.logger.entity,
@@ -132,7 +134,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             # rows after the checkpoint are done again: none is lost or doubled
             tracker.truncate_history("iteration", state["iteration"])
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
-        tracker.summary({"group": group, "name": name, "run_id": tracker.run_id})
+        tracker.summary({"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()})
         stages = prepare_stages(cfg, task, tracker.log)
         tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
         if planned_iterations(cfg) == 0:
@@ -152,6 +154,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         collector = RolloutCollector(
             stack, tokenizer, task, shaper, cfg.kl.estimator, cfg.rollout, cfg.model.max_length, device
         )
+        zero3 = cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3
+        collector.synced_gpus = zero3 and distributed.world_size() > 1
         seed_everything(cfg.seed)  # the RL stream does not depend on whether the stages were cached
         trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
         if state is not None:
@@ -178,7 +182,12 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.engine.name == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed()  # the launcher's (or torchrun's) RANK / WORLD_SIZE
+    # every rank writes into rank 0's folder (each rank's Hydra may stamp its own time)
+    run_dir = Path(distributed.broadcast(HydraConfig.get().runtime.output_dir))
     try:
         summary = train(cfg, run_dir)
     except Preempted as stop:
@@ -187,10 +196,12 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         # recorded, then re-raised: Hydra's launchers still run the sweep's other jobs and the
         # sweep exits non-zero
-        record_failure(run_dir, error)
+        if distributed.is_main():
+            record_failure(run_dir, error)
         raise
-    log.info("run record: %s", run_dir.resolve())
-    print(f"run record: {run_dir.resolve()}")
+    if distributed.is_main():
+        log.info("run record: %s", run_dir.resolve())
+        print(f"run record: {run_dir.resolve()}")
     # returned to Hydra sweepers that optimise a metric
     return summary.get("final/eval/reward_mean")
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from backbone.config import OptimConfig
-from backbone.engine import TorchEngine
+from backbone.config import EngineConfig, OptimConfig
+from backbone.engine import TorchEngine, deepspeed_config
 
 
 def engine_and_model() -> tuple[TorchEngine, nn.Module]:
@@ -41,3 +41,17 @@ def test_a_non_finite_gradient_skips_the_step():
     assert engine.optimizer.state_dict()["state"][0]["step"] == optimizer["state"][0]["step"]
     assert engine.scheduler.last_epoch == 1
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next step
+
+
+def test_the_deepspeed_config_is_built_from_the_hydra_one():
+    engine = EngineConfig(name="deepspeed", zero_stage=3, offload_optimizer=True, offload_param=True)
+    engine.precision = "bf16"
+    config = deepspeed_config(engine, OptimConfig(grad_clip=0.5), micro_batch_size=4)
+    assert config["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
+    assert config["gradient_clipping"] == 0.5 and config["train_micro_batch_size_per_gpu"] == 4
+    assert config["bf16"] == {"enabled": True} and not config["fp16"]["enabled"]
+    assert config["gradient_accumulation_steps"] == 1  # one optimiser step per minibatch

@@ -89,7 +89,7 @@ def test_killed_during_generation_update_and_checkpoint_write_resumes_exactly(
     # resumed at 2; the 11th optimiser step is in iteration 5 (4 steps per iteration)
     assert fault_run("update", 11, args, tmp_path).returncode == -signal.SIGKILL
     assert iterations_of(run_dir) == [0, 1, 2, 3, 4]
-    # resumed at 4; the first torch.save is the final checkpoint's trainer state
+    # resumed at 4; the first torch.save is the final checkpoint's engine state
     assert fault_run("checkpoint_write", 1, args, tmp_path).returncode == -signal.SIGKILL
     checkpoints = CheckpointManager(run_dir / "checkpoints")
     assert list((run_dir / "checkpoints").glob(".tmp-iter-000006-*"))  # the write that died
@@ -161,11 +161,11 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_p
     # skipped steps never reached the weights: iterations 2 and 3 end where iteration 1 did
     after = [load_file(run_dir / f"checkpoints/iter-{i:06d}/actor/model.safetensors") for i in (1, 2, 3)]
     assert all(torch.equal(after[0][k], later[k]) for later in after[1:] for k in after[0])
-    state = load_state(run_dir / "checkpoints" / "iter-000003")
-    assert state["nonfinite_steps"] == 6
+    assert load_state(run_dir / "checkpoints" / "iter-000003")["nonfinite_steps"] == 6
     # the optimiser took exactly the 4 finite steps: the schedule and Adam's step count stand still
-    steps = {int(s["step"]) for s in state["engine"]["optimizer"]["state"].values()}
-    assert steps == {4}
+    engine = torch.load(run_dir / "checkpoints/iter-000003/engine.pt", weights_only=True)
+    assert {int(s["step"]) for s in engine["optimizer"]["state"].values()} == {4}
+    assert engine["scheduler"]["last_epoch"] == 4
 
 
 def test_a_finished_run_resumes_as_configured_and_refuses_other_configs(tmp_path, artifacts_dir, reference):

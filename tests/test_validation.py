@@ -44,6 +44,10 @@ def test_the_default_configs_pass():
         (["reward.pooling=max"], "reward.pooling='max'"),
         (["peft.mode=lora"], "peft.mode='lora'"),
         (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),
+        (["engine=deepspeed_zero3", "ema.enabled=true"], "ema.enabled with ZeRO-3: the EMA keeps whole"),
+        (["engine=deepspeed_zero1", "engine.zero_stage=0"], "DeepSpeed runs at ZeRO stage 1, 2 or 3"),
+        (["engine=deepspeed_zero2", "engine.offload_param=true"], "offloaded at ZeRO stage 3 only"),
+        (["engine=deepspeed_zero2", "engine.precision=fp8"], "engine.precision='fp8'"),
     ],
 )
 def test_each_impossible_combination_is_named(overrides, message):
