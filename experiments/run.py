@@ -19,12 +19,14 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from algorithms.base import Algorithm
 from backbone import distributed
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
@@ -33,7 +35,8 @@ from backbone.models import build_policy_stack, load_tokenizer
 from backbone.reward import RewardShaper
 from backbone.rng import seed_everything
 from backbone.rollout import RolloutCollector
-from backbone.stages import prepare_stages
+from backbone.stages import StageArtifacts, prepare_stages
+from backbone.tasks.base import Task
 from backbone.tracking import Tracker
 from backbone.trainer import Preempted, Trainer, planned_iterations
 from backbone.validation import check_run_config, check_targets
@@ -139,23 +142,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
         if planned_iterations(cfg) == 0:
             return {}
-        tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
-        stack = build_policy_stack(
-            stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model
-        ).to(device)
-        meta = stack.reward.metadata
-        shaper = RewardShaper(
-            normalize=cfg.reward.normalize,
-            clip=cfg.reward.clip,
-            missing_eos_penalty=cfg.reward.missing_eos_penalty,
-            rm_mean=meta.get("chosen_mean", 0.0),
-            rm_std=meta.get("chosen_std", 1.0),
-        )
-        collector = RolloutCollector(
-            stack, tokenizer, task, shaper, cfg.kl.estimator, cfg.rollout, cfg.model.max_length, device
-        )
-        zero3 = cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3
-        collector.synced_gpus = zero3 and distributed.world_size() > 1
+        collector = build_collector(cfg, task, algorithm, stages, device)
         seed_everything(cfg.seed)  # the RL stream does not depend on whether the stages were cached
         trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
         if state is not None:
@@ -167,6 +154,35 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             raise
         tracker.summary(summary)
         return summary
+
+
+def build_collector(
+    cfg: DictConfig,
+    task: Task,
+    algorithm: Algorithm,
+    stages: StageArtifacts,
+    device: torch.device,
+    collector_class: type[RolloutCollector] = RolloutCollector,
+) -> RolloutCollector:
+    """The four roles from the stage artifacts, the reward shaping, and the collector over them."""
+    tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
+    stack = build_policy_stack(
+        stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model
+    ).to(device)
+    meta = stack.reward.metadata
+    shaper = RewardShaper(
+        normalize=cfg.reward.normalize,
+        clip=cfg.reward.clip,
+        missing_eos_penalty=cfg.reward.missing_eos_penalty,
+        rm_mean=meta.get("chosen_mean", 0.0),
+        rm_std=meta.get("chosen_std", 1.0),
+    )
+    collector = collector_class(
+        stack, tokenizer, task, shaper, cfg.kl.estimator, cfg.rollout, cfg.model.max_length, device
+    )
+    zero3 = cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3
+    collector.synced_gpus = zero3 and distributed.world_size() > 1
+    return collector
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
