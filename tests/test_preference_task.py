@@ -104,6 +104,22 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, caplog):
     )
 
 
+def test_bytes_that_are_not_utf8_skip_their_row_and_name_it(tmp_path, caplog):
+    good = '{"prompt": "p %d :", "chosen": "a .", "rejected": "b ."}\n'
+    (tmp_path / "train.jsonl").write_bytes(
+        (good % 0).encode()
+        + b'{"prompt": "p \xff\xfe :", "chosen": "a .", "rejected": "b ."}\n'
+        + (good % 2).encode()
+    )
+    (tmp_path / "test.jsonl").write_bytes((good % 9).encode())
+    files = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
+    with caplog.at_level(logging.WARNING, logger="backbone.tasks.preference"):
+        task = PreferenceDatasetTask(path="json", data_files=files)
+    assert task.skipped["train/non_utf8"] == 1
+    assert [p["prompt"] for p in task.preference_pairs("train")] == ["p 0 :", "p 2 :"]
+    assert "row 1 of split 'train'" in caplog.text and "column 'prompt' is not valid UTF-8" in caplog.text
+
+
 def test_missing_column_names_it(tmp_path):
     rows = [{"question": "p :", "chosen": "a .", "rejected": "b ."}]
     with pytest.raises(ValueError, match="column 'prompt'") as err:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import pyarrow as pa
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from backbone.tasks.base import SPLITS, Task, check_split
@@ -99,7 +100,12 @@ class PreferenceSource:
         """The usable rows of one split as {"prompt", "chosen", "rejected"}; the rest go to ``skipped``."""
         counts = dict.fromkeys(SKIP_REASONS, 0)
         rows = []
-        for values in zip(*(dataset[column] for column in self.schema.columns)):
+        where = f"split {split!r} of {self.source}"
+        columns = [_column(dataset, column, where) for column in self.schema.columns]
+        for values in zip(*columns):
+            if any(value is NOT_UTF8 for value in values):
+                counts["non_utf8"] += 1
+                continue
             pair = self.schema.adapt(*values)
             reason = pair if isinstance(pair, str) else check_pair(pair)
             if reason is None:
@@ -118,6 +124,27 @@ class PreferenceSource:
                 f"split {split!r} of {self.source} has no valid rows (of {len(dataset)}; skipped: {counts})"
             )
         return rows
+
+
+NOT_UTF8 = object()  # a string column's value whose bytes do not decode
+
+
+def _column(dataset: datasets.Dataset, column: str, where: str) -> list[Any]:
+    """A column's values; where a string column holds bytes that are not UTF-8 (pyarrow reads JSON
+    without checking), those values become ``NOT_UTF8`` and the first one is named in the log."""
+    try:
+        return list(dataset[column])  # datasets' columns decode lazily: decode them here
+    except UnicodeDecodeError:
+        raw = dataset.with_format("arrow")[column].cast(pa.binary()).to_pylist()
+    values = []
+    for index, data in enumerate(raw):
+        try:
+            values.append(None if data is None else data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            if NOT_UTF8 not in values:
+                logger.warning("row %d of %s: column %r is not valid UTF-8 (%s)", index, where, column, error)
+            values.append(NOT_UTF8)
+    return values
 
 
 class PreferenceTask(Task):

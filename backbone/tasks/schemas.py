@@ -22,6 +22,7 @@ Pair = tuple[str, str, str]  # (prompt, chosen, rejected)
 
 # why a row is skipped: first what an adapter finds, then what check_pair finds, in check order
 SKIP_REASONS = (
+    "non_utf8",  # a text field's bytes are not valid UTF-8
     "non_string",  # a text field is missing (null) or not a string
     "no_assistant_turn",  # hh_rlhf: the chosen transcript has no "\n\nAssistant:"
     "prompt_mismatch",  # hh_rlhf: chosen and rejected do not share the dialogue before the last reply
