@@ -141,6 +141,7 @@ def test_random_kills_resume_exactly(tmp_path, artifacts_dir, reference):
         break
     assert kills >= 3
     assert_same_run(run_dir, reference)
+    print(f"{kills} kill -9 cycles, then complete and identical")  # shown with -s
 
 
 def test_nan_losses_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_path, artifacts_dir):
