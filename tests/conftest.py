@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     """Rows as a JSON-lines file, for ``datasets.load_dataset("json", data_files=...)``; returns its path."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's own process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

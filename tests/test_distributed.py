@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import read_history, read_summary
+from conftest import free_port, read_history, read_summary
 from safetensors.torch import load_file
 from test_run import SMALL
 
@@ -41,7 +40,7 @@ def deepspeed_run(run_dir: Path, artifacts: Path, *extra: str) -> subprocess.Com
         *extra,
     ]
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), str(PROBE), *args]
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(PROBE), *args]
     result = subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
@@ -86,12 +85,6 @@ VALUES = torch.tensor(
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _whiten_on_rank(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -104,7 +97,7 @@ def _whiten_on_rank(rank: int, port: int, results) -> None:
 
 def test_whitening_over_two_ranks_equals_one_process_on_the_union():
     results = mp.Manager().dict()
-    mp.spawn(_whiten_on_rank, args=(_free_port(), results), nprocs=2)
+    mp.spawn(_whiten_on_rank, args=(free_port(), results), nprocs=2)
     together = torch.cat([results[0], results[1]])
     # the reference, by hand over the masked entries of the union
     entries = [VALUES[i, t].item() for i in range(4) for t in range(4) if MASK[i, t]]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from backbone.reward import RewardShaper, RunningMoments
 
@@ -44,12 +44,6 @@ def test_running_moments_state_dict_round_trip():
     assert restored.state_dict() == moments.state_dict()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -65,7 +59,7 @@ def _two_rank_worker(rank: int, port: int, results) -> None:
 
 def test_running_moments_all_reduce_over_ranks():
     results = mp.Manager().dict()
-    mp.spawn(_two_rank_worker, args=(_free_port(), results), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), results), nprocs=2)
     everything = np.concatenate([b.numpy() for b in BATCHES])
     for rank in (0, 1):
         assert results[rank]["count"] == len(everything)

@@ -82,15 +82,6 @@ class FakeTask(Task):
         return [" ".join([*ITEMS, *GOOD, *BAD, "review of the : is"])]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster than two threads on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(tmp_path: Path, *overrides: str):
     tiny = [
         "model.n_layer=2",
