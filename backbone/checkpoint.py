@@ -1,7 +1,8 @@
 """Checkpoints of an RL run, written so that a kill at any moment leaves the last one intact.
 
 A checkpoint is a folder ``iter-<N>``: the actor (and critic) in Hugging Face format
-(safetensors), usable on their own with ``from_pretrained``, and ``trainer_state.pt`` with
+(safetensors), usable on their own with ``from_pretrained`` (under ``peft=lora_multi_adapter``
+their LoRA adapters, in PEFT's format), and ``trainer_state.pt`` with
 everything else a resume needs (KL controller, reward statistics, EMA,
 counters, prompt-stream position, RNG states, the W&B run id, the run's config), with the
 engine's own optimiser state beside it (``engine.pt``, or DeepSpeed's ``deepspeed/``). It is
@@ -20,11 +21,9 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from backbone import distributed
-from backbone.models import VALUE_HEAD_FILE, PolicyStack
+from backbone.models import PolicyStack
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +58,9 @@ class CheckpointManager:
         engine.save_checkpoint(tmp)
         with engine.gathered():
             if distributed.is_main():
-                stack.actor.save_pretrained(tmp / "actor")
+                stack.save_trainable(tmp)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp / "actor")
-                if stack.critic is not None:
-                    stack.critic.save_pretrained(tmp / "critic")
         if not distributed.is_main():  # the ranks' own RNG streams
             torch.save(state, tmp / state_file(distributed.rank()))
         distributed.barrier()
@@ -103,28 +100,7 @@ def load_state(checkpoint: Path) -> dict:
 
 def restore_weights(stack: PolicyStack, checkpoint: Path) -> None:
     """The checkpoint's actor (and critic) weights, copied into the stack's models in place."""
-    load_safetensors(stack.actor, checkpoint / "actor")
-    if stack.critic is not None:
-        load_safetensors(stack.critic.body, checkpoint / "critic", skip=(VALUE_HEAD_FILE,))
-        stack.critic.head.load_state_dict(load_file(checkpoint / "critic" / VALUE_HEAD_FILE))
-
-
-def load_safetensors(model: nn.Module, folder: Path, skip: tuple[str, ...] = ()) -> None:
-    """Every ``*.safetensors`` shard of a ``save_pretrained`` folder into ``model``. Tied
-    parameters (an LM head sharing the embedding) are saved once; the rest must match exactly."""
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        if shard.name not in skip:
-            state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    named = model.state_dict(keep_vars=True)
-    loaded = {id(tensor) for name, tensor in named.items() if name in state}
-    untied = [name for name in missing if id(named[name]) not in loaded]
-    if untied or unexpected:
-        raise ValueError(
-            f"{folder}: the checkpoint does not match the model "
-            f"(missing {untied[:5]}, unexpected {unexpected[:5]}); was it written by another config?"
-        )
+    stack.load_trainable(checkpoint)
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

@@ -230,7 +230,23 @@ class CriticConfig:
 
 @dataclass
 class PeftConfig:
+    # none: separate full models | lora_multi_adapter: one base with LoRA adapters (backbone/lora.py)
     mode: str = "none"
+
+
+@dataclass
+class LoraMultiAdapterConfig(PeftConfig):
+    """One base model, LoRA adapters actor, critic and reward; the reference is the base, adapters off."""
+
+    mode: str = "lora_multi_adapter"
+    # rank and scale (alpha / r) of every adapter
+    r: int = 8
+    alpha: int = 16
+    # acts only where a model trains in train mode (the reward-model stage): the RL stack runs every
+    # pass in eval mode, so that the first PPO ratio is 1 and the KL is 0 at step 0, whatever this is
+    dropout: float = 0.0
+    # the modules LoRA adapts; conf/peft/lora_multi_adapter.yaml reads them from model.lora_target_modules
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -412,7 +428,7 @@ def register_configs() -> None:
         "kl": {"kl_schema": KLConfig},
         "optim": {"optim_schema": OptimConfig},
         "critic": {"critic_schema": CriticConfig},
-        "peft": {"peft_schema": PeftConfig},
+        "peft": {"peft_schema": PeftConfig, "lora_multi_adapter_schema": LoraMultiAdapterConfig},
         "engine": {"engine_schema": EngineConfig},
         "logger": {"logger_schema": LoggerConfig},
     }

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_META_FILE = "value_model.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # PEFT's CONFIG_NAME
 
 # --------------------------------------------------------------------------- tokenizers
 
@@ -259,25 +260,42 @@ class ValueModel(nn.Module):
         return cls(with_gradient_checkpointing(body, gradient_checkpointing), pooling)
 
     def save_pretrained(self, path: str | Path, **metadata) -> None:
-        path = Path(path)
+        """The body in its own format (a whole model, or a PEFT adapter), then the head and metadata."""
         self.body.save_pretrained(path)
+        self.save_head(path, **metadata)
+
+    def save_head(self, path: str | Path, **metadata) -> None:
+        path = Path(path)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, path / VALUE_HEAD_FILE)
         self.metadata.update(metadata)
         meta = {"pooling": self.pooling, **self.metadata}
         (path / VALUE_META_FILE).write_text(json.dumps(meta, indent=2))
 
+    def load_head(self, path: str | Path) -> None:
+        """A saved head's weights, copied into this head in place."""
+        self.head.load_state_dict(load_file(Path(path) / VALUE_HEAD_FILE))
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: str = "float32", trust_remote_code: bool = False
     ) -> ValueModel:
-        path = Path(path)
-        meta = json.loads((path / VALUE_META_FILE).read_text())
+        meta = value_metadata(path)
         body = AutoModel.from_pretrained(
             str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
         )
         model = cls(body, meta.pop("pooling"), metadata=meta)
-        model.head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
+        model.load_head(path)
         return model
+
+
+def value_metadata(path: str | Path) -> dict:
+    """A saved value model's pooling and metadata (the reward model's score statistics)."""
+    return json.loads((Path(path) / VALUE_META_FILE).read_text())
+
+
+def is_adapter(path: str | Path) -> bool:
+    """Whether a saved value model's body is a PEFT adapter (``peft=lora_multi_adapter``), not a model."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).exists()
 
 
 def response_values(critic: ValueModel, rollouts: Rollouts) -> Tensor:
@@ -361,19 +379,56 @@ class PolicyStack(nn.Module):
 
     def parameter_groups(self, lr: float, critic_lr: float | None = None) -> list[dict]:
         """Optimiser groups named by role, built once (so no role is silently left out)."""
-        groups = [
-            {"name": "actor", "params": [p for p in self.actor.parameters() if p.requires_grad], "lr": lr}
-        ]
+        groups = [{"name": "actor", "params": self.role_parameters("actor"), "lr": lr}]
         if self.critic is not None:
-            critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-            groups.append({"name": "critic", "params": critic_params, "lr": critic_lr or lr})
+            groups.append({"name": "critic", "params": self.role_parameters("critic"), "lr": critic_lr or lr})
         return groups
+
+    def role_parameters(self, role: str) -> list[nn.Parameter]:
+        """What the optimiser trains of a role (actor or critic): here its whole model."""
+        return [p for p in getattr(self, role).parameters() if p.requires_grad]
+
+    def save_trainable(self, folder: Path) -> None:
+        """The actor (and critic) in Hugging Face format, each usable alone with ``from_pretrained``."""
+        self.actor.save_pretrained(folder / "actor")
+        if self.critic is not None:
+            self.critic.save_pretrained(folder / "critic")
+
+    def load_trainable(self, folder: Path) -> None:
+        """``save_trainable``'s weights, copied into the models in place (the optimiser holds them)."""
+        load_safetensors(self.actor, folder / "actor")
+        if self.critic is not None:
+            load_safetensors(self.critic.body, folder / "critic", skip=(VALUE_HEAD_FILE,))
+            self.critic.load_head(folder / "critic")
+
+
+def load_safetensors(model: nn.Module, folder: Path, skip: tuple[str, ...] = ()) -> None:
+    """Every ``*.safetensors`` shard of a ``save_pretrained`` folder into ``model``. Tied
+    parameters (an LM head sharing the embedding) are saved once; the rest must match exactly."""
+    state: dict[str, Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        if shard.name not in skip:
+            state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    named = model.state_dict(keep_vars=True)
+    loaded = {id(tensor) for name, tensor in named.items() if name in state}
+    untied = [name for name in missing if id(named[name]) not in loaded]
+    if untied or unexpected:
+        raise ValueError(
+            f"{folder}: the checkpoint does not match the model "
+            f"(missing {untied[:5]}, unexpected {unexpected[:5]}); was it written by another config?"
+        )
 
 
 def build_policy_stack(
     sft_path: str | Path, reward_path: str | Path, needs_critic: bool, critic_init: str, model_cfg
 ) -> PolicyStack:
-    """Load the four roles from the SFT and reward-model artifacts (full models, ``peft=none``)."""
+    """Load the four roles from the SFT and reward-model artifacts: full models (``peft=none``), or,
+    when the reward model is a LoRA adapter (``peft=lora_multi_adapter``), one base with adapters."""
+    if is_adapter(reward_path):
+        from backbone.lora import build_lora_policy_stack  # backbone.lora builds on this module
+
+        return build_lora_policy_stack(sft_path, reward_path, needs_critic, critic_init, model_cfg)
     kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code}
     actor = load_causal_lm(sft_path, **kwargs)
     reference = load_causal_lm(sft_path, **kwargs)

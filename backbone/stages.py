@@ -4,7 +4,9 @@
 everything that determines it, so every job of a sweep that shares a task, a model and
 the stage configs trains them once and starts RL from the very same SFT model and reward
 model. Each artifact folder holds the tokenizer, the model (``save_pretrained``,
-safetensors) and ``metrics.json`` (the stage's final metrics and wall time).
+safetensors) and ``metrics.json`` (the stage's final metrics and wall time). Under
+``peft=lora_multi_adapter`` SFT still trains the full weights, and the reward model is a LoRA
+adapter on the SFT model (PEFT's format) beside its value head.
 
 Sequences follow the layout of ``backbone.batch``: prompt left-padded, response (closed
 by EOS) right-padded, so every response of a batch starts at the same column.
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from backbone.artifacts import get_or_build
 from backbone.engine import lr_lambda, resolve_device
+from backbone.lora import add_lora
 from backbone.models import (
     ValueModel,
     build_tiny_causal_lm,
@@ -349,7 +352,11 @@ def train_reward_model(
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-    ).to(device)
+    )
+    if cfg.peft.mode == "lora_multi_adapter":
+        # the SFT body stays as the RL stack holds it: only the reward adapter and the head train
+        model.body = add_lora(model.body, cfg.peft)
+    model = model.to(device)
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
     chosen, cut_chosen = encode_rows(tokenizer, train_rows, "chosen", max_length, "preference train (chosen)")
     rejected, cut_rejected = encode_rows(
@@ -412,6 +419,8 @@ def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
     sft = get_or_build(root, "sft", sft_key, lambda folder: train_sft(cfg, task, base, folder, log))
     init_key, init_path = (sft_key, sft) if cfg.reward_model.init == "sft" else (base_key, base)
     rm_key = {"init": init_key, "reward_model": cfg.reward_model, "pooling": cfg.reward.pooling}
+    if cfg.peft.mode != "none":  # a LoRA reward model is another artifact (peft=none keeps its key)
+        rm_key["peft"] = cfg.peft
     reward = get_or_build(
         root, "reward", rm_key, lambda folder: train_reward_model(cfg, task, init_path, folder, log)
     )

@@ -26,7 +26,7 @@ CHOICES = {
     "critic.init": ("reward", "sft"),
     "reward_model.init": ("sft", "base"),
     # what this version builds: other policy stacks and engines are configs without code yet
-    "peft.mode": ("none",),
+    "peft.mode": ("none", "lora_multi_adapter"),
     "engine.name": ("torch", "deepspeed"),
     "engine.precision": ("fp32", "bf16", "fp16"),
 }
@@ -92,9 +92,30 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
             for key, default in _schema_defaults(cfg.algorithm).items()
             if key in CRITIC_KEYS and cfg.algorithm[key] != default
         ]
+    problems += _peft_problems(cfg)
     problems += _engine_problems(cfg, rollout.samples_per_iteration // n)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _peft_problems(cfg: DictConfig) -> list[str]:
+    """What the one-base LoRA stack needs: its adapters sit on the SFT model (backbone/lora.py)."""
+    if cfg.peft.mode != "lora_multi_adapter":
+        return []
+    problems = []
+    if not OmegaConf.select(cfg, "peft.target_modules"):
+        problems.append(
+            "peft.target_modules is empty: LoRA needs the modules it adapts (model.lora_target_modules, "
+            "read by peft=lora_multi_adapter)"
+        )
+    if cfg.reward_model.init != "sft":
+        problems.append(
+            f"reward_model.init={cfg.reward_model.init!r}: under peft=lora_multi_adapter the reward "
+            "adapter sits on the SFT model, as every role does"
+        )
+    if cfg.engine.name == "deepspeed":
+        problems.append("peft=lora_multi_adapter with engine=deepspeed: not combined yet (engine=torch)")
+    return problems
 
 
 def _engine_problems(cfg: DictConfig, prompts_per_iteration: int) -> list[str]:

@@ -3,6 +3,7 @@
     python -m experiments.benchmark iteration [OVERRIDES...] [--algorithms ppo_gae,ppo_sampled,rrhf]
         [--iterations 5] [--warmup 1] [--out outputs/benchmarks]
     python -m experiments.benchmark sft [OVERRIDES...] [--steps 20] [--warmup 1]
+    python -m experiments.benchmark memory [OVERRIDES...] [--out outputs/benchmarks]
 
 OVERRIDES are Hydra overrides of the project's conf/ (``model=gpt2_124m_shape``,
 ``rollout.samples_per_iteration=8``, ...), as for ``experiments.run``.
@@ -20,6 +21,15 @@ in the bound: generation could return those log-probs.
 ``sft`` times SFT steps on padded examples and on packed blocks (``sft.packing``) and reports
 real (non-pad) tokens per second.
 
+``memory`` holds the four roles of the config's model (untrained; ``model=gpt2_124m_shape``
+for GPT-2 small's shape) in each storage mode, ``peft=none`` (separate full models) and
+``peft=lora_multi_adapter`` (one base with adapters), and runs one RL step on an update
+minibatch of random tokens: every role's rollout pass, then the actor's and critic's forward,
+backward and AdamW step. Each is measured in a fresh process, beside one model alone run
+forward over the same minibatch: the weights held (parameters and buffers, a storage shared
+by roles counted once) and the peak memory over the process's size before building. Besides
+the report it writes ``memory_<mode>-*.json`` per mode, the results analysis/verdicts.py reads.
+
 Each run writes one JSON file under ``--out`` and prints its tables. Peak memory is the
 process's resident set on CPU (its high-water mark reset per measurement where Linux allows)
 and ``torch.cuda.max_memory_allocated`` on GPU.
@@ -32,6 +42,7 @@ import contextlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -39,7 +50,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -47,13 +60,24 @@ import torch.nn.functional as F
 import transformers
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from algorithms.base import Algorithm
 from backbone.batch import Batch, Rollouts
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, resolve_device
-from backbone.models import PolicyStack, load_causal_lm, load_tokenizer, position_ids
+from backbone.lora import add_lora
+from backbone.models import (
+    PolicyStack,
+    ValueModel,
+    build_policy_stack,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids,
+    response_logprobs,
+    response_values,
+)
 from backbone.rng import seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows
@@ -103,6 +127,12 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_mb(device: torch.device) -> dict[str, float | str]:
     if device.type == "cuda":
         return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda_max_allocated"}
+    # Linux: VmHWM (KiB), this process's own high-water mark; getrusage's ru_maxrss also keeps the
+    # peak of the process it was forked from (a spawned measurement's parent)
+    with contextlib.suppress(OSError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        kib = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+        return {"peak_mb": kib / 1024, "kind": "rss_high_water"}
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"peak_mb": kib / 1024, "kind": "rss_high_water"}
 
@@ -520,6 +550,182 @@ def sft_table(report: dict) -> str:
     return f"{table}\n\npacked / padded real tokens per second: {report['speedup']:.2f}"
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def distinct_bytes(*modules: nn.Module) -> int:
+    """Parameter and buffer bytes of ``modules``, each storage counted once (tied and shared weights)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for module in modules
+        for t in itertools.chain(module.parameters(), module.buffers())
+    }
+    return sum(storages.values())
+
+
+def peak_bytes(device: torch.device) -> int:
+    return round(peak_memory_mb(device)["peak_mb"] * 2**20)
+
+
+def random_minibatch(vocab_size: int, cfg: DictConfig, device: torch.device) -> Rollouts:
+    """An update minibatch of random token ids, no padding: algorithm.minibatch_size rows of
+    model.max_length tokens, the last rollout.max_new_tokens of them the response."""
+    rows, response_len = cfg.algorithm.minibatch_size, cfg.rollout.max_new_tokens
+    generator = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(vocab_size, (rows, cfg.model.max_length), generator=generator).to(device)
+    prompt, response = ids[:, :-response_len], ids[:, -response_len:]  # [b, P], [b, T]
+    zeros = torch.zeros(rows, device=device)
+    return Rollouts(
+        prompt_ids=prompt,
+        prompt_mask=torch.ones_like(prompt),
+        response_ids=response,
+        response_mask=torch.ones_like(response),
+        group=torch.arange(rows, device=device),
+        logprobs=zeros,
+        ref_logprobs=zeros,
+        kl=zeros,
+        scores=zeros,
+        rewards=zeros,
+    )
+
+
+def rollout_passes(stack: PolicyStack, rollouts: Rollouts) -> None:
+    """Each role's pass of a rollout, without grad: actor and reference log-probs, values, scores."""
+    stack.old_logprobs(rollouts)
+    stack.reference_logprobs(rollouts)
+    stack.score(rollouts)
+    with torch.no_grad():
+        response_values(stack.critic, rollouts)
+
+
+def update_step(stack: PolicyStack, rollouts: Rollouts) -> None:
+    """The actor's and critic's forward, backward and AdamW step, as ppo_gae's update takes them."""
+    optimizer = torch.optim.AdamW(stack.parameter_groups(1e-5))
+    out = stack(rollouts, values=True)
+    (out.values.square().mean() - out.logprobs.mean()).backward()
+    optimizer.step()
+
+
+def measure_memory(sft: str, reward: str | None, cfg_container: dict) -> dict[str, int]:
+    """Run in a fresh process. The weights held, and the peak memory over the process's size before:
+    of the policy stack built from the ``reward`` artifact through each role's rollout pass, then
+    through an update too; with no ``reward``, of the SFT model alone through one no-grad pass."""
+    cfg = OmegaConf.create(cfg_container)
+    device = setup_device(cfg)
+    reset_peak_memory(device)
+    before = peak_bytes(device)  # the interpreter and its imports
+    if reward is None:
+        model = load_causal_lm(sft, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+        with torch.no_grad():
+            response_logprobs(model, random_minibatch(model.config.vocab_size, cfg, device))
+        return {"tensor_bytes": distinct_bytes(model), "rollout_peak_bytes": peak_bytes(device) - before}
+    stack = build_policy_stack(sft, reward, True, "reward", cfg.model).to(device)
+    rollouts = random_minibatch(stack.actor.config.vocab_size, cfg, device)
+    rollout_passes(stack, rollouts)
+    rollout_peak = peak_bytes(device) - before
+    update_step(stack, rollouts)
+    return {
+        "tensor_bytes": distinct_bytes(stack, stack.reference, stack.reward),
+        "rollout_peak_bytes": rollout_peak,
+        "update_peak_bytes": peak_bytes(device) - before,
+    }
+
+
+# glibc: allocations from 64 KiB up are mapped on their own and returned when freed, so the resident
+# high-water mark follows the live tensors, not what the allocator keeps cached (ignored elsewhere)
+MEASURED_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a spawned process, so that its peak memory is its own and not this process's."""
+    context = multiprocessing.get_context("spawn")
+    with mock.patch.dict(os.environ, MEASURED_ENV), ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def save_reward_models(cfg: DictConfig, base: str | Path, folder: Path) -> dict[str, Path]:
+    """An (untrained) reward model on ``base`` per storage mode: a whole model, or a LoRA adapter."""
+    paths = {}
+    for mode in ("none", "lora_multi_adapter"):
+        model = ValueModel.from_causal_lm(
+            base, cfg.reward.pooling, cfg.model.dtype, cfg.model.trust_remote_code
+        )
+        if mode == "lora_multi_adapter":
+            model.body = add_lora(model.body, cfg.peft)
+        paths[mode] = folder / mode
+        model.save_pretrained(paths[mode])
+    return paths
+
+
+def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
+    # the adapters' settings are peft=lora_multi_adapter's (overridable: peft.r=16)
+    cfg = compose_config([*overrides, "peft=lora_multi_adapter"])
+    device = setup_device(cfg)
+    base = build_base(cfg, instantiate(cfg.task))  # the model, untrained: memory does not depend on values
+    container = OmegaConf.to_container(cfg, resolve=True)
+    with tempfile.TemporaryDirectory() as folder:
+        rewards = save_reward_models(cfg, base, Path(folder))
+        one = in_fresh_process(measure_memory, str(base), None, container)
+        held = {
+            mode: in_fresh_process(measure_memory, str(base), str(path), container)
+            for mode, path in rewards.items()
+        }
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    results = []
+    for mode, measured in held.items():
+        # the fields analysis/verdicts.py's multi_adapter_memory reads, one file per mode
+        result = {
+            "mode": mode,
+            "peak_bytes": measured["rollout_peak_bytes"],
+            "one_model_bytes": one["rollout_peak_bytes"],
+            "update_peak_bytes": measured["update_peak_bytes"],
+            "tensor_bytes": measured["tensor_bytes"],
+            "one_model_tensor_bytes": one["tensor_bytes"],
+            "measure": peak_memory_mb(device)["kind"],
+            "model": cfg.model.name,
+            "seed": cfg.seed,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"memory_{mode}-{stamp}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        results.append({**result, "path": str(path)})
+    return {
+        "machine": machine(device),
+        "model": cfg.model.name,
+        "overrides": overrides,
+        "minibatch": {"rows": cfg.algorithm.minibatch_size, "tokens": cfg.model.max_length},
+        "results": results,
+    }
+
+
+def memory_table(report: dict) -> str:
+    def mb(n: int) -> str:
+        return f"{n / 2**20:.1f}"
+
+    def ratio(n: int, one: int) -> str:  # a tiny model can leave the process's peak where it was
+        return f"{n / one:.2f}" if one else "n/a"
+
+    first = report["results"][0]
+    one_tensors, one_peak = first["one_model_tensor_bytes"], first["one_model_bytes"]
+    rows = [["one model", mb(one_tensors), "1.00", mb(one_peak), ratio(one_peak, one_peak), "", ""]]
+    rows += [
+        [
+            r["mode"],
+            mb(r["tensor_bytes"]),
+            ratio(r["tensor_bytes"], one_tensors),
+            mb(r["peak_bytes"]),
+            ratio(r["peak_bytes"], one_peak),
+            mb(r["update_peak_bytes"]),
+            ratio(r["update_peak_bytes"], one_peak),
+        ]
+        for r in report["results"]
+    ]
+    header = ["roles", "weights MB", "x one", "rollout peak MB", "x one", "+ update peak MB", "x one"]
+    return (
+        f"{markdown_table(header, rows)}\n\npeak: {first['measure']} over the process's size before loading"
+    )
+
+
 # --------------------------------------------------------------------------- report and CLI
 
 
@@ -536,8 +742,7 @@ def write_report(out: Path, command: str, report: dict) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    """One subparser per subcommand, each with its ``run(args, overrides) -> report`` and ``table``;
-    ``memory`` (multi-adapter LoRA memory) is to join them the same way."""
+    """One subparser per subcommand, each with its ``run(args, overrides) -> report`` and ``table``."""
     main_parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmark", description=__doc__.split("\n")[0]
     )
@@ -554,9 +759,13 @@ def parser() -> argparse.ArgumentParser:
     sft.add_argument("--steps", type=int, default=20, help="measured steps per mode (after warm-up)")
     sft.set_defaults(run=run_sft, table=sft_table)
 
+    memory = commands.add_parser("memory", help="peak memory of the four roles: full models vs LoRA adapters")
+    memory.set_defaults(run=run_memory, table=memory_table)
+
     for sub in (iteration, sft):
-        sub.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model=gpt2_124m_shape")
         sub.add_argument("--warmup", type=int, default=1, help="unmeasured iterations or steps first")
+    for sub in (iteration, sft, memory):
+        sub.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model=gpt2_124m_shape")
         sub.add_argument("--out", type=Path, default=Path("outputs/benchmarks"), help="where the JSON goes")
     return main_parser
 

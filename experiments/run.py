@@ -142,8 +142,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
         if planned_iterations(cfg) == 0:
             return {}
+        # the RL stream (and any freshly initialised head or adapter) does not depend on whether
+        # the stages were built in this process or read from the cache
+        seed_everything(cfg.seed)
         collector = build_collector(cfg, task, algorithm, stages, device)
-        seed_everything(cfg.seed)  # the RL stream does not depend on whether the stages were cached
         trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
         if state is not None:
             trainer.load_state(state, checkpoint)

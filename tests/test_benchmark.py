@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from analysis.records import load_benchmarks
 from experiments.benchmark import main
 
 # the stage overrides of test_run.py, so the session's artifacts are shared with it
@@ -91,3 +92,18 @@ def test_sft_reports_real_tokens_per_second_padded_and_packed(tmp_path, artifact
         assert positive(mode["step_s"]) and mode["step_s"]["n"] == 2
         assert mode["real_tokens_per_s"] > 0 and mode["memory"]["peak_mb"] > 0
     assert report["speedup"] == pytest.approx(packed["real_tokens_per_s"] / padded["real_tokens_per_s"])
+
+
+def test_memory_reports_both_storage_modes_in_the_files_analysis_reads(tmp_path, artifacts_dir):
+    path = main(["memory", *STAGES, f"paths.artifacts={artifacts_dir}", "--out", str(tmp_path)])
+    report = json.loads(path.read_text())
+    results = {r["mode"]: r for r in report["results"]}
+    assert list(results) == ["none", "lora_multi_adapter"]
+    # one file per mode with the fields analysis/verdicts.py reads (the report itself has no mode)
+    assert sorted(r["mode"] for r in load_benchmarks([tmp_path]) if "mode" in r) == sorted(results)
+    full, lora = results["none"], results["lora_multi_adapter"]
+    one = full["one_model_tensor_bytes"]
+    assert 4 * one < full["tensor_bytes"] < 4.1 * one  # four models (and two small heads)
+    assert one < lora["tensor_bytes"] < 1.25 * one  # one model (and adapters and heads)
+    for result in (full, lora):
+        assert result["one_model_bytes"] >= 0 and 0 <= result["peak_bytes"] <= result["update_peak_bytes"]
