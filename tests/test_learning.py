@@ -3,21 +3,25 @@
 A short seeded run at the default sizes must raise both the reward model's score and the
 task's gold reward on held-out prompts over iteration 0 (the SFT policy). Evaluation is
 paired (the same held-out prompts, 4 samples each), so the margin below is several
-standard errors of the measured gains (about +1 gold for PPO, +0.7 for RRHF).
+standard errors of the measured gains (about +1 gold for PPO after 30 iterations; RRHF moves
+less per sample, +0.1 to +0.3 gold after 30 and +0.6 to +0.8 after 60 over seeds 0-2, so it
+gets 60).
 """
 
 import pytest
 from conftest import read_history, read_summary, run_entry
 
 
-@pytest.mark.parametrize("algorithm", ["ppo_gae", "ppo_sampled", "rrhf"])
-def test_a_short_run_raises_reward_and_gold_over_the_sft_policy(algorithm, artifacts_dir, tmp_path):
+@pytest.mark.parametrize(("algorithm", "iterations"), [("ppo_gae", 30), ("ppo_sampled", 30), ("rrhf", 60)])
+def test_a_short_run_raises_reward_and_gold_over_the_sft_policy(
+    algorithm, iterations, artifacts_dir, tmp_path
+):
     run_dir = tmp_path / "run"
     run_entry(
         [
             f"algorithm={algorithm}",
-            "iterations=30",
-            "rollout.eval_every=10",
+            f"iterations={iterations}",
+            f"rollout.eval_every={iterations // 3}",
             "logger.mode=disabled",
             f"paths.artifacts={artifacts_dir}",
             f"hydra.run.dir={run_dir}",
@@ -26,7 +30,7 @@ def test_a_short_run_raises_reward_and_gold_over_the_sft_policy(algorithm, artif
     )
     summary = read_summary(run_dir)
     evals = [r for r in read_history(run_dir) if "eval/reward_mean" in r]
-    assert [r["iteration"] for r in evals] == [0, 10, 20, 30]
+    assert [r["iteration"] for r in evals] == [0, iterations // 3, 2 * iterations // 3, iterations]
     assert summary["reward_model"]["rm/eval_accuracy"] > 0.7
     assert summary["gain/eval/reward_mean"] > 0.2, summary
     assert summary["gain/eval/gold_mean"] > 0.2, summary
