@@ -133,9 +133,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         resume_id=state["wandb_run_id"] if state else None,
     )
     with tracker:
+        # rows after the checkpoint are done again (all of them, when a run stopped before its first
+        # checkpoint starts anew): none is lost or doubled
+        tracker.truncate_history("iteration", state["iteration"] if state else -1)
         if state is not None:
-            # rows after the checkpoint are done again: none is lost or doubled
-            tracker.truncate_history("iteration", state["iteration"])
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
         tracker.summary({"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()})
         stages = prepare_stages(cfg, task, tracker.log)
