@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.records import knob_columns, sort_key, swept_knobs, value_key
+from analysis.records import knob_columns, row_keys, sort_key, swept_knobs, value_key
 from analysis.stats import CI, final_value, gain, mean_ci, samples_to_half_gain
 
 VERDICTS = ("supported", "contradicted", "inconclusive", "not run")
@@ -200,8 +200,8 @@ class Study:
             exclude += [c for c in knob_columns(runs) if c.startswith("algorithm.")]
         controls = swept_knobs(runs, exclude)
         contexts: dict[tuple, list[int]] = defaultdict(list)
-        for index, key in zip(runs.index, runs[controls].itertuples(index=False, name=None)):
-            contexts[tuple(map(value_key, key))].append(index)
+        for index, key in zip(runs.index, row_keys(runs, controls)):
+            contexts[key].append(index)
         groups = [self._group(runs.loc[rows], knobs, controls, key) for key, rows in contexts.items()]
         return [g for g in groups if len(g.cells) >= min_values]
 

@@ -175,11 +175,18 @@ def value_key(value: Any) -> Any:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def row_keys(runs: pd.DataFrame, columns: Sequence[str]) -> list[tuple]:
+    """Each row's values of `columns` as a dict key; an empty tuple per row for no columns (a frame
+    without columns has no rows to `itertuples` before pandas 3)."""
+    if not columns:
+        return [()] * len(runs)
+    return [tuple(map(value_key, key)) for key in runs[list(columns)].itertuples(index=False, name=None)]
+
+
 def _determined_by(runs: pd.DataFrame, column: str, by: list[str]) -> bool:
     """True when `column` takes one value within every combination of the `by` columns."""
     groups: dict[tuple, Any] = {}
-    for key, value in zip(runs[by].itertuples(index=False, name=None), runs[column]):
-        key = tuple(map(value_key, key))
+    for key, value in zip(row_keys(runs, by), runs[column]):
         if groups.setdefault(key, value_key(value)) != value_key(value):
             return False
     return True

@@ -16,6 +16,7 @@ from analysis.records import (
     job_folders,
     load_local,
     load_wandb,
+    row_keys,
     series,
     swept_knobs,
 )
@@ -121,6 +122,13 @@ def test_swept_knobs_collapse_algorithm_defaults():
         "ppo_gae, lr=0.0001",
         "ppo_gae, lr=0.001",
     ]
+
+
+def test_row_keys_one_per_row_with_missing_values_as_none():
+    runs = pd.DataFrame({"a": [1.0, float("nan"), 1.0], "b": ["x", "y", None]})
+    assert row_keys(runs, ["a", "b"]) == [(1.0, "x"), (None, "y"), (1.0, None)]
+    # no columns: still one (empty) key per row, the one context of a sweep with a single knob
+    assert row_keys(runs, []) == [(), (), ()]
 
 
 class FakeRun(SimpleNamespace):
