@@ -44,5 +44,6 @@ class Algorithm(ABC):
         """Targets (advantages, returns, ranks) from a rollout batch; called under no_grad."""
 
     @abstractmethod
-    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        """The scalar loss of one minibatch and its statistics, logged under ``train/``."""
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The scalar loss of one minibatch and its statistics (detached 0-d tensors, read once
+        per update so that no statistic stalls a GPU step), logged under ``train/``."""

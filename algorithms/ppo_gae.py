@@ -94,7 +94,7 @@ class PPOGAE(Algorithm):
             advantages = masked_whiten(advantages, mask)
         return Batch(rollouts, {"advantages": advantages, "returns": returns})
 
-    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         rollouts = batch.rollouts
         out = policy.forward(rollouts, values=True)
         mask = rollouts.response_mask.to(out.logprobs.dtype)  # [B, T]
@@ -111,8 +111,8 @@ class PPOGAE(Algorithm):
         stats = {
             **pg_stats,
             **vf_stats,
-            "entropy": masked_mean(out.entropy, mask).item(),
-            "advantage_mean": masked_mean(advantages, mask).item(),
-            "return_mean": masked_mean(returns, mask).item(),
+            "entropy": masked_mean(out.entropy.detach(), mask),
+            "advantage_mean": masked_mean(advantages, mask),
+            "return_mean": masked_mean(returns, mask),
         }
         return loss, stats

@@ -98,7 +98,7 @@ class PPOSampled(Algorithm):
             advantages = masked_whiten(advantages, torch.ones_like(advantages))
         return Batch(rollouts, {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines})
 
-    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         rollouts = batch.rollouts
         out = policy.forward(rollouts, values=self.needs_critic)
         mask = rollouts.response_mask.to(out.logprobs.dtype)  # [B, T]
@@ -107,10 +107,10 @@ class PPOSampled(Algorithm):
         loss, pg_stats = clipped_policy_loss(out.logprobs, old_logprobs, advantages, mask, self.cliprange)
         stats = {
             **pg_stats,  # policy_loss, clipfrac, approx_kl, ratio_mean
-            "entropy": masked_mean(out.entropy, mask).item(),
-            "advantage_std": batch["advantages"].std(correction=0).item(),
-            "baseline_mean": batch["baselines"].mean().item(),
-            "sequence_reward_mean": batch["seq_rewards"].mean().item(),
+            "entropy": masked_mean(out.entropy.detach(), mask),
+            "advantage_std": batch["advantages"].std(correction=0),
+            "baseline_mean": batch["baselines"].mean(),
+            "sequence_reward_mean": batch["seq_rewards"].mean(),
         }
         if self.needs_critic:
             # Fitted at the first response position only: V(prompt) is the one value the baseline reads,

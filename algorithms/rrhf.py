@@ -101,7 +101,7 @@ class RRHF(Algorithm):
         # the targets are the rewards and groups themselves; ranking happens in the loss, per group
         return Batch(rollouts, {})
 
-    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         rollouts = batch.rollouts
         out = policy.forward(rollouts, values=self.needs_critic)
         mask = rollouts.response_mask.to(out.logprobs.dtype)  # [B, T]
@@ -113,10 +113,10 @@ class RRHF(Algorithm):
         pairs = _ordered_pairs(rewards, group)  # [B, B]
         violated = pairs & (scores[:, None] > scores[None, :])  # worse candidate scored strictly higher
         stats = {
-            "rank_loss": l_rank.item(),
-            "sft_loss": l_sft.item(),
-            "entropy": masked_mean(out.entropy, mask).item(),
-            "rank_violations": (violated.sum() / pairs.sum().clamp(min=1)).item(),
-            "best_reward_mean": rewards[_best_candidates(rewards, group)].mean().item(),
+            "rank_loss": l_rank.detach(),
+            "sft_loss": l_sft.detach(),
+            "entropy": masked_mean(out.entropy.detach(), mask),
+            "rank_violations": violated.sum() / pairs.sum().clamp(min=1),
+            "best_reward_mean": rewards[_best_candidates(rewards, group)].mean(),
         }
         return loss, stats

@@ -1,7 +1,8 @@
 """The clipped PPO losses (Schulman et al. 2017) over response tokens, shared by both PPO variants.
 
 Each returns the scalar loss (a masked mean over valid tokens, so padding never counts) and
-its statistics as python floats. Statistics are local to the minibatch: no collective call
+its statistics as 0-d tensors, which the trainer reads once per update (a read per statistic
+would stall a GPU step on each device-to-host copy). Statistics are local to the minibatch: no collective call
 here, since ranks may see different numbers of minibatches.
 """
 
@@ -15,7 +16,7 @@ from backbone.ops import masked_mean
 
 def clipped_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L_pg = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - c, 1 + c)),  rho_t = pi(a_t) / pi_old(a_t).
 
     All tensors [B, T]; ``mask`` is 1 on valid response tokens.
@@ -28,19 +29,19 @@ def clipped_policy_loss(
     loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
     with torch.no_grad():
         stats = {
-            "policy_loss": loss.item(),
+            "policy_loss": loss.detach(),
             # fraction of tokens whose gradient the clip removed
-            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(mask.dtype), mask).item(),
+            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(mask.dtype), mask),
             # (rho - 1) - log rho: a non-negative estimate of KL(pi_old || pi)
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask).item(),
-            "ratio_mean": masked_mean(ratio, mask).item(),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
 
 
 def clipped_value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L_vf = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2)  (baselines ppo2).
 
     All tensors [B, T]; ``mask`` is 1 on valid response tokens.
@@ -52,13 +53,11 @@ def clipped_value_loss(
     loss = 0.5 * masked_mean(torch.max(vf_unclipped, vf_clipped), mask)
     with torch.no_grad():
         stats = {
-            "value_loss": loss.item(),
-            "value_clipfrac": masked_mean((vf_clipped > vf_unclipped).to(mask.dtype), mask).item(),
-            "value_mean": masked_mean(values, mask).item(),
+            "value_loss": loss.detach(),
+            "value_clipfrac": masked_mean((vf_clipped > vf_unclipped).to(mask.dtype), mask),
+            "value_mean": masked_mean(values, mask),
             # 1 - Var(R - V) / Var(R): 1 for a perfect critic, 0 for one that predicts the mean
-            "explained_variance": (
-                1.0 - _masked_var(returns - values, mask) / _masked_var(returns, mask)
-            ).item(),
+            "explained_variance": 1.0 - _masked_var(returns - values, mask) / _masked_var(returns, mask),
         }
     return loss, stats
 

@@ -320,7 +320,7 @@ class Trainer:
     def update(self, batch: Batch) -> dict[str, float]:
         """E epochs over the batch in minibatches that keep each prompt's samples together; steps
         with a non-finite loss or gradient are skipped and counted (``train/nonfinite_steps``)."""
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float | torch.Tensor] = defaultdict(float)  # tensors stay on the device until the end
         steps = skipped = 0
         for minibatch in self.minibatches(batch):
             loss, stats = self.algorithm.loss(self.stack, minibatch)
@@ -337,12 +337,12 @@ class Trainer:
                 continue
             steps += 1
             sums["train/grad_norm"] += grad_norm
-            sums["train/loss"] += loss.item()
+            sums["train/loss"] += loss.detach()
             if ptx_loss is not None:
-                sums["train/ptx_loss"] += ptx_loss.item()
+                sums["train/ptx_loss"] += ptx_loss.detach()
             for key, value in stats.items():
                 sums[f"train/{key}"] += value
-        row = {key: value / steps for key, value in sums.items()}
+        row = {key: float(value) / steps for key, value in sums.items()}
         row["train/nonfinite_steps"] = skipped
         row.update({f"train/lr/{name}": lr for name, lr in self.engine.learning_rates().items()})
         return row
