@@ -137,7 +137,10 @@ def with_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> PreTra
     """Recompute activations in backward when ``enabled`` (transformers does so in train mode only;
     non-reentrant, so gradients also pass layers whose inputs are frozen, as under LoRA)."""
     if enabled:
-        model.activation_checkpointing_enable()
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable()
+        else:  # transformers before the rename (5.17 has only the old name)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -146,7 +146,8 @@ def test_family_loads_pads_and_scores(checkpoints, family):
     assert max_positions(folder) == POSITIONS
 
     model = load_causal_lm(folder, gradient_checkpointing=True)
-    assert model.is_activation_checkpointing
+    # the layers recompute their activations in backward (the flag both transformers 5 APIs set)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     ids, mask = left_padded(tokenizer, ["is the lamp good?", f"{H}hi there{A} hello, how can I help?"])
     alone_ids, alone_mask = left_padded(tokenizer, ["is the lamp good?"])
     value_model = ValueModel.from_causal_lm(folder)
