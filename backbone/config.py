@@ -118,7 +118,8 @@ class ModelConfig:
     # what a preference task wraps every prompt in; "<s>{prompt}" starts LLaMA's prompts with BOS
     # (the code tokenises without special tokens). The tokenizer's pad token is EOS when it has none.
     prompt_template: str = "{prompt}"
-    # recompute activations in backward (SFT and reward-model training): memory for compute
+    # recompute activations in backward, in the SFT and reward-model stages and in the RL update
+    # (actor and critic; their dropout is then switched off in RL): memory for compute
     gradient_checkpointing: bool = False
     # the modules LoRA adapts in this architecture (gpt2: c_attn; gpt_neox: query_key_value; ...)
     lora_target_modules: list[str] = field(default_factory=list)

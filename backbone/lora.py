@@ -23,9 +23,10 @@ the reward adapter and the base never do.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ class Adapters:
         self.peft.set_adapter(name, inference_mode=True)  # every adapter frozen ...
         self.peft.set_requires_grad(self.trainable, True)  # ... then the trainable ones thawed
 
-    @contextmanager
+    @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[None]:
         """``name`` active for the block (None: every adapter disabled, the base), then the one before."""
         previous = self.peft.active_adapter
@@ -158,13 +159,19 @@ class LoraPolicyStack(PolicyStack):
         adapters: Adapters,
         reward: AdapterValueModel,
         critic: AdapterValueModel | None = None,
+        gradient_checkpointing: bool = False,
     ):
         # freezing the reference and the reward model freezes the base they share, every adapter
         # with it (the critic's head is its own) ...
-        super().__init__(lm, AdaptersDisabled(lm, adapters), reward, critic)
+        super().__init__(lm, AdaptersDisabled(lm, adapters), reward, critic, gradient_checkpointing)
         self.adapters = adapters
         # ... so the trainable adapters are thawed again, with the actor's active
         adapters.activate("actor")
+
+    def recompute_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """Backward recomputes a checkpointed layer after its role's pass has switched back to the
+        actor: the recompute must run under the adapter its forward ran under."""
+        return contextlib.nullcontext(), self.adapters.using(self.adapters.peft.active_adapter)
 
     def role_parameters(self, role: str) -> list[nn.Parameter]:
         """A role's adapter, and the critic's head."""
@@ -219,4 +226,4 @@ def build_lora_policy_stack(
                 critic = AdapterValueModel(adapters, "critic", pooling)
             else:
                 raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
-    return LoraPolicyStack(lm, adapters, reward, critic)
+    return LoraPolicyStack(lm, adapters, reward, critic, model_cfg.gradient_checkpointing)

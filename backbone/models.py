@@ -9,9 +9,11 @@ first PPO ratio is exactly 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -133,14 +135,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def with_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> PreTrainedModel:
+def with_gradient_checkpointing(model: PreTrainedModel, enabled: bool, context_fn=None) -> PreTrainedModel:
     """Recompute activations in backward when ``enabled`` (transformers does so in train mode only;
-    non-reentrant, so gradients also pass layers whose inputs are frozen, as under LoRA)."""
+    non-reentrant, so gradients also pass layers whose inputs are frozen, as under LoRA).
+    ``context_fn``: torch's checkpoint hook, the contexts of a layer's forward and of its recompute."""
     if enabled:
+        kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn else {})}
         if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:  # transformers before the rename (5.17 has only the old name)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
@@ -311,6 +315,19 @@ def response_values(critic: ValueModel, rollouts: Rollouts) -> Tensor:
 # --------------------------------------------------------------------------- the policy stack
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off in every mode: ``nn.Dropout`` modules and the rates layers apply themselves
+    (LLaMA's and GPT-NeoX's ``attention_dropout``, OPT's ``dropout`` and ``layerdrop``), so that
+    train mode computes what eval mode does."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
@@ -321,7 +338,10 @@ class PolicyStack(nn.Module):
 
     Only actor and critic are trainable; both sit in this module so one optimiser (and one
     engine) holds them. Every pass runs in eval mode: dropout would make the first ratio
-    differ from 1 and the KL to the reference non-zero at step 0.
+    differ from 1 and the KL to the reference non-zero at step 0. With ``gradient_checkpointing``
+    the loss pass (``forward``) alone runs actor and critic in train mode, the one mode in which
+    transformers recomputes a layer's activations in backward; their dropout is switched off,
+    so that pass computes what eval mode does.
     """
 
     def __init__(
@@ -330,10 +350,15 @@ class PolicyStack(nn.Module):
         reference: PreTrainedModel,
         reward: ValueModel,
         critic: ValueModel | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.actor = actor.eval()
         self.critic = critic.eval() if critic is not None else None
+        self.checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            for model in self.trainable_models():
+                disable_dropout(with_gradient_checkpointing(model, True, self.recompute_contexts))
         # frozen roles are kept out of the module tree's parameters() so optimisers and
         # engines never see them
         self._frozen = {"reference": freeze(reference), "reward": freeze(reward)}
@@ -355,13 +380,37 @@ class PolicyStack(nn.Module):
     def train(self, mode: bool = True) -> PolicyStack:
         return super().train(False)  # see the class docstring: always eval mode
 
+    def recompute_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """The contexts of a checkpointed layer's forward and of its recompute in backward."""
+        return contextlib.nullcontext(), contextlib.nullcontext()
+
+    def trainable_models(self) -> list[PreTrainedModel]:
+        return [self.actor] + ([self.critic.body] if self.critic is not None else [])
+
     def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        logprobs, entropy = response_logprobs(self.actor, rollouts)
-        if not values:
-            return PolicyOutput(logprobs, entropy)
-        if self.critic is None:
+        """The loss pass: log-probs and entropy of the responses [B, T], and values when asked."""
+        if values and self.critic is None:
             raise RuntimeError("values were asked for but this policy stack has no critic")
-        return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
+        with self.checkpointed():
+            logprobs, entropy = response_logprobs(self.actor, rollouts)
+            if not values:
+                return PolicyOutput(logprobs, entropy)
+            return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
+
+    @contextlib.contextmanager
+    def checkpointed(self) -> Iterator[None]:
+        """Train mode for the block when gradient checkpointing is on (see the class docstring)."""
+        if not self.checkpointing:
+            yield
+            return
+        models = self.trainable_models()
+        for model in models:
+            model.train()
+        try:
+            yield
+        finally:
+            for model in models:
+                model.eval()
 
     @torch.no_grad()
     def old_logprobs(self, rollouts: Rollouts) -> Tensor:
@@ -445,4 +494,4 @@ def build_policy_stack(
             critic = ValueModel.from_causal_lm(sft_path, pooling=reward.pooling, **kwargs)
         else:
             raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
-    return PolicyStack(actor, reference, reward, critic)
+    return PolicyStack(actor, reference, reward, critic, model_cfg.gradient_checkpointing)

@@ -65,3 +65,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_checkpointed_loss_pass_matches(plain, checkpointed, rollouts) -> None:
+    """``gradient_checkpointing``: the stack's loss pass recomputes its layers in backward (a module
+    inside the first decoder layer runs twice as often) and changes nothing: the same log-probs, entropy,
+    values and gradients as the plain stack's, and eval mode again afterwards."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    results = []
+    for stack in (plain, checkpointed):
+        layer = next(m for m in stack.actor.modules() if isinstance(m, GradientCheckpointingLayer))
+        calls = []
+        # a module inside the layer: hooks on the layer itself stay outside the checkpoint
+        hook = next(layer.children()).register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        out = stack.forward(rollouts, values=True)
+        (out.logprobs.sum() + out.entropy.sum() + out.values.sum()).backward()
+        hook.remove()
+        grads = {name: p.grad for name, p in stack.named_parameters() if p.grad is not None}
+        results.append((out, grads, len(calls)))
+    (out_p, grads_p, calls_p), (out_c, grads_c, calls_c) = results
+    assert calls_p > 0 and calls_c == 2 * calls_p  # twice per pass: forward, and again in backward
+    for field in ("logprobs", "entropy", "values"):
+        torch.testing.assert_close(getattr(out_c, field), getattr(out_p, field))
+    assert grads_p and grads_c.keys() == grads_p.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_c[name], grads_p[name], msg=lambda m, name=name: f"{name}: {m}")
+    assert not any(m.training for role in (checkpointed.actor, checkpointed.critic) for m in role.modules())

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_history, run_entry
+from conftest import assert_checkpointed_loss_pass_matches, read_history, run_entry
 from safetensors.torch import load_file
 from test_resume import comparable, fault_run
 from test_run import SMALL
@@ -32,7 +32,7 @@ from backbone.tasks.toy_reviews import ToyReviews
 
 ARCH = SimpleNamespace(n_layer=1, n_embd=32, n_head=2, n_positions=48, dropout=0.0)
 PEFT = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["c_attn"])
-MODEL = SimpleNamespace(dtype="float32", trust_remote_code=False)
+MODEL = SimpleNamespace(dtype="float32", trust_remote_code=False, gradient_checkpointing=False)
 ROLLOUT = SimpleNamespace(max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0)
 
 
@@ -179,6 +179,14 @@ def test_an_update_reaches_only_the_actor_and_critic_adapters(sft, trained_rm, t
     assert {n for n in changed if ".critic." in n or n.startswith("critic.head")} == {
         n for n in before if ".critic." in n or n.startswith("critic.head")
     }
+
+
+def test_gradient_checkpointing_on_the_shared_base(sft, trained_rm, task):
+    plain = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
+    checkpointed = build_policy_stack(
+        sft, trained_rm, True, "reward", SimpleNamespace(**{**vars(MODEL), "gradient_checkpointing": True})
+    )
+    assert_checkpointed_loss_pass_matches(plain, checkpointed, collect(plain, sft, task))
 
 
 def test_saved_trainable_weights_restore_exactly_into_a_fresh_stack(sft, trained_rm, tmp_path):

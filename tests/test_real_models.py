@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, compose_config, read_history, read_summary, run_entry, write_jsonl
+from conftest import (
+    CONF,
+    assert_checkpointed_loss_pass_matches,
+    compose_config,
+    read_history,
+    read_summary,
+    run_entry,
+    write_jsonl,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,7 +36,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from backbone.batch import Rollouts
 from backbone.models import (
+    PolicyStack,
     ValueModel,
     build_policy_stack,
     load_causal_lm,
@@ -166,6 +176,30 @@ def test_family_loads_pads_and_scores(checkpoints, family):
             pad_token_id=tokenizer.pad_token_id,
         )
     assert scores.shape == (2,) and generated.shape[0] == 2 and generated.shape[1] <= ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_in_the_loss_pass(checkpoints, family):
+    """Train mode for the loss pass, dropout off: GPT-2's and OPT's configs keep their 0.1 dropout."""
+    folder = checkpoints[family]
+
+    def stack(gradient_checkpointing: bool) -> PolicyStack:
+        torch.manual_seed(0)  # the same fresh value heads
+        roles = [load_causal_lm(folder), load_causal_lm(folder), ValueModel.from_causal_lm(folder)]
+        return PolicyStack(*roles, ValueModel.from_causal_lm(folder), gradient_checkpointing)
+
+    tokenizer = load_tokenizer(folder)
+    prompt_ids, prompt_mask = left_padded(tokenizer, ["is the lamp good?", f"{H}hi there{A}"])
+    responses = tokenizer(
+        [" yes, it is", " hello"], add_special_tokens=False, padding=True, padding_side="right"
+    )
+    response_ids = torch.tensor(responses["input_ids"])
+    zeros = torch.zeros(len(response_ids))
+    rollouts = Rollouts(
+        prompt_ids, prompt_mask, response_ids, torch.tensor(responses["attention_mask"]), torch.arange(2),
+        *[torch.zeros_like(response_ids, dtype=torch.float)] * 3, zeros, zeros,
+    )  # fmt: skip
+    assert_checkpointed_loss_pass_matches(stack(False), stack(True), rollouts)
 
 
 def test_every_real_model_option_is_checked():
