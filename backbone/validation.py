@@ -113,8 +113,6 @@ def _peft_problems(cfg: DictConfig) -> list[str]:
             f"reward_model.init={cfg.reward_model.init!r}: under peft=lora_multi_adapter the reward "
             "adapter sits on the SFT model, as every role does"
         )
-    if cfg.engine.name == "deepspeed":
-        problems.append("peft=lora_multi_adapter with engine=deepspeed: not combined yet (engine=torch)")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Data-parallel training for real: 2 CPU ranks under the DeepSpeed launcher (gloo), ZeRO 2 and 3.
+"""Data-parallel training for real: 2 CPU ranks under the DeepSpeed launcher (gloo), ZeRO 2 and 3,
+full models and (ZeRO-3) the one-base LoRA stack.
 
 Each rank generates for its share of the prompts; DeepSpeed all-reduces the gradients, so both
 ranks must end with identical weights; rank 0 alone writes the record; a run stopped and
@@ -51,10 +52,11 @@ def rl_rows(run_dir: Path) -> list[dict]:
     return [keep(row) for row in read_history(run_dir) if "iteration" in row]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_ppo_keeps_the_ranks_identical_and_resumes_exactly(tmp_path, artifacts_dir, stage):
+@pytest.mark.parametrize(("stage", "peft"), [(2, "none"), (3, "none"), (3, "lora_multi_adapter")])
+def test_two_rank_ppo_keeps_the_ranks_identical_and_resumes_exactly(tmp_path, artifacts_dir, stage, peft):
     run_dir = tmp_path / "run"
-    deepspeed_run(run_dir, artifacts_dir, f"engine=deepspeed_zero{stage}")
+    options = [f"engine=deepspeed_zero{stage}", f"peft={peft}"]
+    deepspeed_run(run_dir, artifacts_dir, *options)
     ranks = [torch.load(run_dir / f"params-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and any("critic" in k for k in ranks[0])
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
@@ -65,15 +67,20 @@ def test_two_rank_ppo_keeps_the_ranks_identical_and_resumes_exactly(tmp_path, ar
     assert summary["iterations"] == ITERATIONS and summary["samples"] == 24
     checkpoint = run_dir / "checkpoints" / f"iter-{ITERATIONS:06d}"
     assert (checkpoint / "deepspeed" / "ds_config.json").exists()
-    exported = load_file(checkpoint / "actor" / "model.safetensors")  # whole, even under ZeRO-3
-    assert all(torch.equal(v, ranks[0][f"actor.{k}"]) for k, v in exported.items())
+    if peft == "none":
+        exported = load_file(checkpoint / "actor" / "model.safetensors")  # whole, even under ZeRO-3
+        assert all(torch.equal(v, ranks[0][f"actor.{k}"]) for k, v in exported.items())
+    else:  # the actor's adapter alone, gathered from the shards
+        exported = load_file(checkpoint / "actor" / "adapter_model.safetensors")
+        assert exported and all("lora_" in k for k in exported)
+        assert all(v.abs().sum() > 0 for k, v in exported.items() if "lora_B" in k)  # it trained
     # stopped after iteration 2 (its last checkpoint gone): started again, it continues exactly
     shutil.rmtree(checkpoint)
     for rank_file in run_dir.glob("params-rank*.pt"):
         rank_file.unlink()
-    deepspeed_run(run_dir, artifacts_dir, f"engine=deepspeed_zero{stage}")
+    deepspeed_run(run_dir, artifacts_dir, *options)
     assert rl_rows(run_dir) == rows
-    again = load_file(checkpoint / "actor" / "model.safetensors")
+    again = load_file(next((checkpoint / "actor").glob("*.safetensors")))
     assert all(torch.equal(again[k], exported[k]) for k in exported)
 
 

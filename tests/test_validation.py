@@ -45,7 +45,6 @@ def test_the_default_configs_pass():
         (["peft.mode=lora"], "peft.mode='lora'"),
         (["peft=lora_multi_adapter", "reward_model.init=base"], "reward_model.init='base': under peft=lora"),
         (["peft=lora_multi_adapter", "model.lora_target_modules=[]"], "peft.target_modules is empty"),
-        (["peft=lora_multi_adapter", "engine=deepspeed_zero2"], "with engine=deepspeed: not combined yet"),
         (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),
         (["engine=deepspeed_zero3", "ema.enabled=true"], "ema.enabled with ZeRO-3: the EMA keeps whole"),
         (["engine=deepspeed_zero1", "engine.zero_stage=0"], "DeepSpeed runs at ZeRO stage 1, 2 or 3"),
