@@ -2,13 +2,15 @@
 
     theta_ema <- decay * theta_ema + (1 - decay) * theta        after every optimiser step
 
-The trainer evaluates the EMA weights beside the live ones (``eval_ema/*``) by swapping
-them into the actor for the evaluation and back, so no second model is built.
+It follows the parameters the optimiser trains: the actor's whole weights, or under
+``peft=lora_multi_adapter`` its adapter alone (frozen weights never move, so their average is
+themselves, and the base is not copied). The trainer evaluates the EMA weights beside the live
+ones (``eval_ema/*``) by swapping them in for the evaluation and back, so no second model is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -16,28 +18,29 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, params: Iterable[nn.Parameter], decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema.decay={decay}: expected 0 <= decay < 1")
         self.decay = decay
-        self.shadow = [p.detach().clone() for p in model.parameters()]
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)  # ema + (1 - decay) (theta - ema)
+    def update(self) -> None:
+        live = [p.detach() for p in self.params]
+        torch._foreach_lerp_(self.shadow, live, 1.0 - self.decay)  # ema + (1 - decay) (theta - ema)
 
     @contextmanager
     @torch.no_grad()
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The model with the EMA weights for the duration of the block, its own weights after."""
-        live = [p.detach().clone() for p in model.parameters()]
-        for p, e in zip(model.parameters(), self.shadow):
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the parameters for the duration of the block, the live ones after."""
+        live = [p.detach().clone() for p in self.params]
+        for p, e in zip(self.params, self.shadow):
             p.copy_(e)
         try:
-            yield model
+            yield
         finally:
-            for p, saved in zip(model.parameters(), live):
+            for p, saved in zip(self.params, live):
                 p.copy_(saved)
 
     def state_dict(self) -> dict:

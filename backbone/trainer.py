@@ -158,7 +158,7 @@ class Trainer:
             collector.device,
             cfg.seed,
         )
-        self.ema = EMA(self.stack.actor, cfg.ema.decay) if cfg.ema.enabled else None
+        self.ema = EMA(self.stack.role_parameters("actor"), cfg.ema.decay) if cfg.ema.enabled else None
         self.chosen_responses(sorted(set(self.prompts.prompts)))  # every RL prompt has one, or fail now
         self.prompts_truncated = collector.count_truncated([*self.prompts.prompts, *task.eval_prompts()])
         if self.prompts_truncated:
@@ -365,7 +365,7 @@ class Trainer:
             return None
         self.nonfinite_in_a_row = 0
         if self.ema is not None:
-            self.ema.update(self.stack.actor)
+            self.ema.update()
         return grad_norm
 
     # ------------------------------------------------------------------ evaluation
@@ -379,7 +379,7 @@ class Trainer:
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
         row["eval/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
         if self.ema is not None:
-            with self.ema.applied(self.stack.actor):
+            with self.ema.applied():
                 ema_sampled = self.collector.collect(
                     prompts, self.cfg.rollout.eval_samples, update_stats=False
                 )

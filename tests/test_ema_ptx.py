@@ -12,24 +12,24 @@ from backbone.ema import EMA
 def test_ema_update_follows_its_formula_and_evaluation_restores_the_live_weights():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model.parameters(), decay=0.9)
     expected = [p.detach().clone() for p in model.parameters()]
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        ema.update(model)
+        ema.update()
         expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, model.parameters())]
     for shadow, e in zip(ema.shadow, expected):
         torch.testing.assert_close(shadow, e)
     live = [p.detach().clone() for p in model.parameters()]
-    with ema.applied(model):
+    with ema.applied():
         for p, e in zip(model.parameters(), expected):
             torch.testing.assert_close(p.detach(), e)
     for p, saved in zip(model.parameters(), live):
         assert torch.equal(p.detach(), saved)
     with pytest.raises(ValueError, match=r"ema\.decay"):
-        EMA(model, decay=1.0)
+        EMA(model.parameters(), decay=1.0)
 
 
 def test_ptx_and_ema_run_end_to_end(tmp_path, artifacts_dir):

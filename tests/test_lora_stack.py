@@ -16,6 +16,7 @@ from test_run import SMALL
 
 from algorithms.ppo_gae import PPOGAE
 from backbone.checkpoint import restore_weights
+from backbone.ema import EMA
 from backbone.lora import LoraPolicyStack, adapter_parameters, add_lora
 from backbone.models import (
     PolicyStack,
@@ -187,6 +188,23 @@ def test_gradient_checkpointing_on_the_shared_base(sft, trained_rm, task):
         sft, trained_rm, True, "reward", SimpleNamespace(**{**vars(MODEL), "gradient_checkpointing": True})
     )
     assert_checkpointed_loss_pass_matches(plain, checkpointed, collect(plain, sft, task))
+
+
+def test_the_ema_follows_the_actor_adapter_alone(sft, trained_rm, task):
+    stack = build_policy_stack(sft, trained_rm, False, "reward", MODEL)
+    adapter = adapter_parameters(stack.adapters.peft, "actor")
+    ema = EMA(stack.role_parameters("actor"), decay=0.5)
+    assert sum(e.numel() for e in ema.shadow) == sum(p.numel() for p in adapter)  # no copy of the base
+    rollouts = collect(stack, sft, task)
+    start = stack.old_logprobs(rollouts)  # the zero adapter: the SFT model
+    randomize(adapter, seed=3)
+    ema.update()  # half-way between the zero start and the new weights
+    live = stack.old_logprobs(rollouts)
+    with ema.applied():
+        averaged = stack.old_logprobs(rollouts)
+    assert torch.equal(stack.old_logprobs(rollouts), live)
+    assert not torch.allclose(averaged, live) and not torch.allclose(averaged, start)
+    assert torch.equal(stack.reference_logprobs(rollouts), start)
 
 
 def test_saved_trainable_weights_restore_exactly_into_a_fresh_stack(sft, trained_rm, tmp_path):
