@@ -23,10 +23,9 @@ the reward adapter and the base never do.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -103,7 +102,7 @@ class Adapters:
         self.peft.set_adapter(name, inference_mode=True)  # every adapter frozen ...
         self.peft.set_requires_grad(self.trainable, True)  # ... then the trainable ones thawed
 
-    @contextlib.contextmanager
+    @contextmanager
     def using(self, name: str | None) -> Iterator[None]:
         """``name`` active for the block (None: every adapter disabled, the base), then the one before."""
         previous = self.peft.active_adapter
@@ -171,7 +170,7 @@ class LoraPolicyStack(PolicyStack):
     def recompute_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """Backward recomputes a checkpointed layer after its role's pass has switched back to the
         actor: the recompute must run under the adapter its forward ran under."""
-        return contextlib.nullcontext(), self.adapters.using(self.adapters.peft.active_adapter)
+        return nullcontext(), self.adapters.using(self.adapters.peft.active_adapter)
 
     def role_parameters(self, role: str) -> list[nn.Parameter]:
         """A role's adapter, and the critic's head."""

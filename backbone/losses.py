@@ -2,8 +2,8 @@
 
 Each returns the scalar loss (a masked mean over valid tokens, so padding never counts) and
 its statistics as 0-d tensors, which the trainer reads once per update (a read per statistic
-would stall a GPU step on each device-to-host copy). Statistics are local to the minibatch: no collective call
-here, since ranks may see different numbers of minibatches.
+would stall a GPU step on each device-to-host copy). Statistics are local to the minibatch: no
+collective call here, since ranks may see different numbers of minibatches.
 """
 
 from __future__ import annotations

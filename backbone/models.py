@@ -9,11 +9,10 @@ first PPO ratio is exactly 1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -382,7 +381,7 @@ class PolicyStack(nn.Module):
 
     def recompute_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """The contexts of a checkpointed layer's forward and of its recompute in backward."""
-        return contextlib.nullcontext(), contextlib.nullcontext()
+        return nullcontext(), nullcontext()
 
     def trainable_models(self) -> list[PreTrainedModel]:
         return [self.actor] + ([self.critic.body] if self.critic is not None else [])
@@ -397,7 +396,7 @@ class PolicyStack(nn.Module):
                 return PolicyOutput(logprobs, entropy)
             return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
 
-    @contextlib.contextmanager
+    @contextmanager
     def checkpointed(self) -> Iterator[None]:
         """Train mode for the block when gradient checkpointing is on (see the class docstring)."""
         if not self.checkpointing:

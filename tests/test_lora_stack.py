@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import assert_checkpointed_loss_pass_matches, read_history, run_entry
 from safetensors.torch import load_file
+from test_ppo_gae import make_algorithm
 from test_resume import comparable, fault_run
 from test_run import SMALL
 
-from algorithms.ppo_gae import PPOGAE
 from backbone.checkpoint import restore_weights
 from backbone.ema import EMA
 from backbone.lora import LoraPolicyStack, adapter_parameters, add_lora
@@ -150,18 +150,7 @@ def test_the_reference_is_the_base_with_adapters_disabled(sft, trained_rm, task)
 
 def test_an_update_reaches_only_the_actor_and_critic_adapters(sft, trained_rm, task):
     stack = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
-    algorithm = PPOGAE(
-        name="ppo_gae",
-        lr=1e-2,
-        ppo_epochs=1,
-        minibatch_size=8,
-        gamma=1.0,
-        lam=0.95,
-        cliprange=0.2,
-        cliprange_value=0.2,
-        vf_coef=0.5,
-        whiten_advantages=True,
-    )
+    algorithm = make_algorithm(lr=1e-2, ppo_epochs=1, minibatch_size=8)
     groups = stack.parameter_groups(1e-2)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in snapshot(stack).items()}

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_ppo_gae import make_algorithm
 
-from algorithms.ppo_gae import PPOGAE
 from backbone.models import (
     PolicyStack,
     ValueModel,
@@ -81,18 +81,7 @@ def test_step_zero_kl_is_zero_and_the_first_ppo_ratio_is_one(setup):
     rollouts = collector(setup).collect(setup[0].rl_prompts()[:8], with_values=True)
     torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs)  # actor == reference
     assert torch.all(rollouts.kl == 0)
-    algorithm = PPOGAE(
-        name="ppo_gae",
-        lr=1e-3,
-        ppo_epochs=1,
-        minibatch_size=4,
-        gamma=1.0,
-        lam=0.95,
-        cliprange=0.2,
-        cliprange_value=0.2,
-        vf_coef=0.5,
-        whiten_advantages=True,
-    )
+    algorithm = make_algorithm(lr=1e-3, ppo_epochs=1, minibatch_size=4)
     batch = algorithm.prepare(rollouts)
     for minibatch in batch.minibatches(4, torch.Generator().manual_seed(0)):
         _, stats = algorithm.loss(setup[2], minibatch)  # recomputed in smaller batches
