@@ -36,7 +36,7 @@ import pandas as pd
 
 JOB_FILES = (".hydra/config.yaml", "history.jsonl", "summary.json", "failure.json")
 # RL counters: a W&B history row with nothing besides these (a table's own row) carries no metric
-COUNTERS = ("iteration", "samples", "tokens", "time/elapsed_s")
+COUNTERS = ("iteration", "samples", "tokens", "optimizer_steps", "tokens_trained", "time/elapsed_s")
 # config columns that say where or how a job ran, or how often it is measured, not what it trains;
 # they never separate the runs of a comparison (`iterations` is handled by comparing at equal samples)
 BOOKKEEPING = (
@@ -48,6 +48,7 @@ BOOKKEEPING = (
     "logger.",
     "engine.device",
     "rollout.eval_every",
+    "rollout.eval_every_samples",
     "rollout.eval_samples",
 )
 META_COLUMNS = ("run", "path", "source", "status", "error", "algorithm", "seed", "group", "name")

@@ -176,7 +176,12 @@ class RolloutConfig:
     top_p: float = 1.0
     # evaluation on held-out prompts: every N iterations (and at iteration 0 and the last)
     eval_every: int = 5
-    # sampled responses per held-out prompt in evaluation (greedy is always one)
+    # evaluation every N samples consumed instead (a multiple of samples_per_iteration), so arms
+    # with different batch sizes are evaluated at the same sample counts; null: eval_every
+    eval_every_samples: int | None = None
+    # sampled responses per held-out prompt in evaluation (greedy is always one); evaluation samples
+    # with its own generator, seeded by (seed, samples consumed): every arm of a seed sees the same
+    # sampling noise at the same point (common random numbers), and the run's RNG is not touched
     eval_samples: int = 4
 
 
@@ -392,6 +397,15 @@ class RunConfig:
     ptx: PTXConfig = field(default_factory=PTXConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     seed: int = 0
+    # pipeline: `seed` also seeds every stage before RL (the task's data draw, SFT init and order,
+    # reward-model init and order; their own seed keys are overwritten), so seeds vary the whole
+    # pipeline and each builds its own artifacts; rl: `seed` seeds RL only, the stages keep theirs
+    seed_scope: str = "pipeline"
+    # under pipeline, stages that keep their own seed on purpose (task | sft | reward_model)
+    pinned_stages: list[str] = field(default_factory=list)
+    # evaluate: a run to compare; tune: a tuning-grid job of hydra/sweeper=tuned, which the report
+    # reads only to show the grid (its seeds and configs are not the comparison's)
+    phase: str = "evaluate"
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
     iterations: int = 60
     # a sample budget instead of iterations: total_samples / rollout.samples_per_iteration of them

@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 
 def seed_everything(seed: int) -> None:
@@ -38,3 +39,33 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# the stages before RL, by the config node that holds each one's seed
+STAGE_SEEDS = {"task": "task.seed", "sft": "sft.seed", "reward_model": "reward_model.seed"}
+SEED_SCOPES = ("pipeline", "rl")
+
+
+def apply_seed_scope(cfg: DictConfig) -> DictConfig:
+    """Under ``seed_scope=pipeline``, ``seed`` becomes the seed of every stage not in ``pinned_stages``.
+
+    Done on the config itself, before anything hashes it, so the resolved config a run records says
+    which seeds each stage used, and the artifact keys (which hold the stage configs) follow: each
+    seed builds its own SFT and reward model once, and every arm of that seed shares them.
+    """
+    if cfg.seed_scope not in SEED_SCOPES:
+        raise ValueError(f"seed_scope={cfg.seed_scope!r}: expected one of {list(SEED_SCOPES)}")
+    unknown = [stage for stage in cfg.pinned_stages if stage not in STAGE_SEEDS]
+    if unknown:
+        raise ValueError(
+            f"pinned_stages={list(cfg.pinned_stages)}: {unknown} are not among {list(STAGE_SEEDS)}"
+        )
+    if cfg.seed_scope == "rl" and cfg.pinned_stages:
+        raise ValueError(
+            "pinned_stages pins stages under seed_scope=pipeline; under rl every stage keeps its own seed"
+        )
+    if cfg.seed_scope == "pipeline":
+        for stage, key in STAGE_SEEDS.items():
+            if stage not in cfg.pinned_stages and OmegaConf.select(cfg, key) is not None:
+                OmegaConf.update(cfg, key, cfg.seed)
+    return cfg

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from scipy.integrate import trapezoid
 from tqdm.auto import tqdm
 
 from algorithms.base import Algorithm
@@ -106,7 +107,50 @@ def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
         row["rollout/kl_negative_frac"] = (shaping_kl < 0).float().mean().item()
     if rollouts.gold is not None:
         row[f"{prefix}/gold_mean"] = rollouts.gold.mean().item()
+    if prefix.startswith("eval") and not prefix.endswith("greedy"):
+        row[f"{prefix}/reward_se"] = sampling_se(rollouts.scores, rollouts.group)
+        if rollouts.gold is not None:
+            row[f"{prefix}/gold_se"] = sampling_se(rollouts.gold, rollouts.group)
     return row
+
+
+def sampling_se(values: torch.Tensor, group: torch.Tensor) -> float:
+    """The sampling noise of an evaluation mean over fixed prompts: its standard error
+    sqrt(sum_p var_p / k_p) / P, from the within-prompt variance var_p (ddof=1) of each prompt's
+    k_p samples; NaN with fewer than two samples per prompt. The prompts are the same for every
+    arm, so only the sampling varies between two evaluations of one policy."""
+    variances, counts = [], []
+    for g in torch.unique(group):
+        v = values[group == g].double()
+        if len(v) < 2:
+            return float("nan")
+        variances.append(v.var())
+        counts.append(len(v))
+    variance = torch.stack(variances) / torch.tensor(counts, dtype=torch.float64)
+    return float(variance.sum().sqrt() / len(counts))
+
+
+def mean_gain_over_budget(points: list[tuple[float, float]]) -> float:
+    """Area under a metric's gain curve over the sample budget, per sample: with (samples, value)
+    evaluation points from samples 0 to S, (1/S) * integral_0^S (v(s) - v(0)) ds by the trapezoid
+    rule. The tuning score: it rewards rising early and staying high, not one lucky last point."""
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return float("nan")
+    x = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float) - points[0][1]
+    return float(trapezoid(y, x) / (x[-1] - x[0]))
+
+
+def evaluation_due(
+    iteration: int, last: int, samples_per_iteration: int, eval_every: int, eval_every_samples: int | None
+) -> bool:
+    """At the last iteration, and every ``eval_every_samples`` samples consumed (the same sample counts
+    for every arm, whatever its batch size), or else every ``eval_every`` iterations."""
+    if iteration == last:
+        return True
+    if eval_every_samples is None:
+        return iteration % eval_every == 0
+    return iteration * samples_per_iteration % eval_every_samples == 0
 
 
 class Preempted(Exception):
@@ -175,6 +219,11 @@ class Trainer:
         self.iteration = 0
         self.samples = 0
         self.tokens = 0
+        # the compute an arm spent, beside its samples: optimiser steps taken and the tokens that went
+        # through the actor's forward and backward (prompt + response, once per epoch)
+        self.optimizer_steps = 0
+        self.tokens_trained = 0
+        self.eval_curve: list[tuple[int, dict[str, float]]] = []  # (samples consumed, eval row)
         self.nonfinite_steps = 0  # skipped optimiser steps, in all
         self.nonfinite_in_a_row = 0
         self.offline_buffer: list[Rollouts] = []
@@ -191,6 +240,7 @@ class Trainer:
             if self.iteration == 0:
                 with self.timer.phase("eval"):
                     self.first_eval = self.last_eval = self.evaluate()
+                self.eval_curve.append((0, self.first_eval))
                 self.log_row({**self.first_eval, **self.timer.pop()})
                 if self.algorithm.offline:
                     with self.timer.phase("rollout"):
@@ -223,9 +273,10 @@ class Trainer:
         # the shared measure over the policy's own samples drives the controller
         self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
         iteration = self.iteration
-        if iteration % self.cfg.rollout.eval_every == 0 or iteration == self.iterations:
+        if self.evaluation_due(iteration):
             with self.timer.phase("eval"):
                 self.last_eval = self.evaluate()
+            self.eval_curve.append((self.samples_consumed(iteration), self.last_eval))
             row.update(self.last_eval)
         # the row is written before the checkpoint that covers it, so a resume never lacks it;
         # logging and checkpointing are timed into the next row
@@ -248,6 +299,21 @@ class Trainer:
         if self.sigterm:
             raise Preempted(f"SIGTERM: stopped after iteration {iteration}, checkpoint {checkpoint}")
         return row
+
+    def samples_consumed(self, iteration: int) -> int:
+        """Samples the updates up to ``iteration`` have trained on: the axis evaluations are spaced on
+        (an offline buffer is generated up front, so ``samples`` would not do)."""
+        return iteration * self.cfg.rollout.samples_per_iteration
+
+    def evaluation_due(self, iteration: int) -> bool:
+        rollout = self.cfg.rollout
+        return evaluation_due(
+            iteration,
+            self.iterations,
+            rollout.samples_per_iteration,
+            rollout.eval_every,
+            rollout.eval_every_samples,
+        )
 
     @contextmanager
     def sigterm_checkpoints(self) -> Iterator[None]:
@@ -336,6 +402,10 @@ class Trainer:
                     break
                 continue
             steps += 1
+            self.optimizer_steps += 1
+            self.tokens_trained += int(
+                distributed.sum_over_ranks(int(minibatch.rollouts.attention_mask.sum()))
+            )
             sums["train/grad_norm"] += grad_norm
             sums["train/loss"] += loss.detach()
             if ptx_loss is not None:
@@ -374,12 +444,13 @@ class Trainer:
         """Held-out prompts: sampled responses (reward, gold, KL, length) and greedy ones; under
         several ranks each evaluates its share and the means are over all of them."""
         prompts = distributed.shard(self.task.eval_prompts())
-        sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
+        with self.evaluation_noise():
+            sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
         greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
         row["eval/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
         if self.ema is not None:
-            with self.ema.applied():
+            with self.ema.applied(), self.evaluation_noise():  # the live actor's noise: a paired comparison
                 ema_sampled = self.collector.collect(
                     prompts, self.cfg.rollout.eval_samples, update_stats=False
                 )
@@ -393,6 +464,19 @@ class Trainer:
             self.tracker.log_table("eval/samples", columns, rows, self.step_keys())
         return distributed.mean_over_ranks(row)
 
+    @contextmanager
+    def evaluation_noise(self) -> Iterator[None]:
+        """Common random numbers: evaluation samples from a generator seeded by (seed, samples consumed,
+        rank), the same for every arm of a seed at the same sample count, and restores the run's own
+        RNG afterwards, so the training stream never depends on how often it is evaluated."""
+        device = self.collector.device
+        seed = np.random.SeedSequence(
+            [self.cfg.seed, self.samples_consumed(self.iteration), distributed.rank()]
+        ).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(seed))
+            yield
+
     # ------------------------------------------------------------------ records
 
     def step_keys(self) -> dict[str, float]:
@@ -400,6 +484,8 @@ class Trainer:
             "iteration": self.iteration,
             "samples": self.samples,
             "tokens": self.tokens,
+            "optimizer_steps": self.optimizer_steps,
+            "tokens_trained": self.tokens_trained,
             "time/elapsed_s": time.perf_counter() - self.start_time,
         }
 
@@ -414,6 +500,9 @@ class Trainer:
             "samples": self.samples,
             "tokens": self.tokens,
             "elapsed_s": time.perf_counter() - self.start_time,
+            "optimizer_steps": self.optimizer_steps,
+            "tokens_trained": self.tokens_trained,
+            "eval_curve": [[samples, row] for samples, row in self.eval_curve],
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "kl_controller": self.kl_ctl.state_dict(),
@@ -436,6 +525,8 @@ class Trainer:
         self.engine.load_checkpoint(checkpoint, self.stack)
         self.iteration, self.samples, self.tokens = state["iteration"], state["samples"], state["tokens"]
         self.start_time = time.perf_counter() - state["elapsed_s"]
+        self.optimizer_steps, self.tokens_trained = state["optimizer_steps"], state["tokens_trained"]
+        self.eval_curve = [(samples, row) for samples, row in state["eval_curve"]]
         self.nonfinite_steps = state["nonfinite_steps"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
@@ -460,6 +551,8 @@ class Trainer:
             "iterations": self.iteration,
             "samples": self.samples,
             "tokens": self.tokens,
+            "optimizer_steps": self.optimizer_steps,
+            "tokens_trained": self.tokens_trained,
             "nonfinite_steps": self.nonfinite_steps,
             "prompts_truncated": self.prompts_truncated,
             "wall_time_s": time.perf_counter() - self.start_time,
@@ -478,4 +571,8 @@ class Trainer:
                 summary[f"final/{key}"] = last_eval[key]
                 summary[f"initial/{key}"] = first_eval[key]
                 summary[f"gain/{key}"] = last_eval[key] - first_eval[key]
+        for key in ("eval/reward_mean", "eval/gold_mean"):
+            if key in last_eval:
+                points = [(samples, row[key]) for samples, row in self.eval_curve]
+                summary[f"auc_gain/{key}"] = mean_gain_over_budget(points)
         return summary

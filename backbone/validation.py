@@ -19,6 +19,8 @@ from backbone.kl import ESTIMATORS
 from backbone.reward import NORMALIZE_MODES
 
 CHOICES = {
+    "seed_scope": ("pipeline", "rl"),
+    "phase": ("evaluate", "tune"),
     "kl.estimator": tuple(ESTIMATORS),
     "reward.normalize": NORMALIZE_MODES,
     "reward.pooling": ("last", "mean"),
@@ -67,6 +69,12 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
         problems.append(
             f"rollout.min_new_tokens={rollout.min_new_tokens} > "
             f"rollout.max_new_tokens={rollout.max_new_tokens}"
+        )
+    every = rollout.eval_every_samples
+    if every is not None and (every < 1 or every % rollout.samples_per_iteration):
+        problems.append(
+            f"rollout.eval_every_samples={every}: must be a positive multiple of "
+            f"rollout.samples_per_iteration={rollout.samples_per_iteration}"
         )
     n = algorithm.samples_per_prompt
     if rollout.samples_per_iteration % n:

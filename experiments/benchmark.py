@@ -78,7 +78,7 @@ from backbone.models import (
     response_logprobs,
     response_values,
 )
-from backbone.rng import seed_everything
+from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows
 from backbone.timing import PhaseTimer
@@ -94,7 +94,7 @@ register_configs()
 
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose("config", overrides=overrides)
+        return apply_seed_scope(compose("config", overrides=overrides))
 
 
 def setup_device(cfg: DictConfig) -> torch.device:

@@ -33,7 +33,7 @@ from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
 from backbone.reward import RewardShaper
-from backbone.rng import seed_everything
+from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import StageArtifacts, prepare_stages
 from backbone.tasks.base import Task
@@ -109,7 +109,7 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | Non
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
-    cfg, checkpoint, state = resume_point(cfg, run_dir)
+    cfg, checkpoint, state = resume_point(apply_seed_scope(cfg), run_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
     configure_cpu_threads(device, cfg.engine.cpu_threads)
@@ -140,7 +140,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
         tracker.summary({"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()})
         stages = prepare_stages(cfg, task, tracker.log)
-        tracker.summary({"sft": stages.sft_metrics, "reward_model": stages.rm_metrics})
+        tracker.summary(
+            {
+                "sft": stages.sft_metrics,
+                "reward_model": stages.rm_metrics,
+                "artifacts": {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name},
+            }
+        )
         if planned_iterations(cfg) == 0:
             return {}
         # the RL stream (and any freshly initialised head or adapter) does not depend on whether
@@ -221,8 +227,9 @@ def main(cfg: DictConfig) -> float | None:
     if distributed.is_main():
         log.info("run record: %s", run_dir.resolve())
         print(f"run record: {run_dir.resolve()}")
-    # returned to Hydra sweepers that optimise a metric
-    return summary.get("final/eval/reward_mean")
+    # returned to Hydra sweepers that optimise a metric: the gold gain over the budget where the task
+    # has a gold reward (tuning on the proxy would pick the arm that hacks it best), else the proxy's
+    return summary.get("auc_gain/eval/gold_mean", summary.get("auc_gain/eval/reward_mean"))
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:

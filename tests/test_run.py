@@ -87,6 +87,7 @@ def test_summary_and_run_record(single_run):
 
 
 def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
+    """seed=0,1 under seed_scope=pipeline builds every stage once per seed; under rl they share one."""
     artifacts = tmp_path / "artifacts"
     sweep = tmp_path / "sweep"
     run_entry(
@@ -94,17 +95,25 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
             "-m",
             *SMALL,
             "iterations=1",
+            "seed_scope=pipeline,rl",
             "seed=0,1",
             f"paths.artifacts={artifacts}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
     )
-    summaries = [read_summary(sweep / str(i)) for i in (0, 1)]
-    assert summaries[0]["group"] == summaries[1]["group"] == f"{sweep.parent.name}_{sweep.name}"
-    assert [s["seed"] for s in summaries] == [0, 1]
-    assert summaries[0]["run_id"] != summaries[1]["run_id"]
-    for i, summary in enumerate(summaries):  # what W&B received (offline run records)
+    summaries = [
+        read_summary(sweep / str(i)) for i in range(4)
+    ]  # (pipeline, 0), (pipeline, 1), (rl, 0), (rl, 1)
+    assert {s["group"] for s in summaries} == {f"{sweep.parent.name}_{sweep.name}"}
+    assert [s["seed"] for s in summaries] == [0, 1, 0, 1]
+    assert len({s["run_id"] for s in summaries}) == 4
+    used = [s["artifacts"] for s in summaries]
+    assert used[0] == used[2] == used[3]  # seed 0 of both scopes, and seed 1 under rl: one SFT and RM
+    assert used[1]["sft"] != used[0]["sft"] and used[1]["reward"] != used[0]["reward"]
+    built = sorted(p.name.split("-")[0] for p in artifacts.iterdir() if p.is_dir())
+    assert built == ["base", "base", "reward", "reward", "sft", "sft"]  # seed 1 under pipeline: its own
+    for i, summary in enumerate(summaries[:2]):  # what W&B received (offline run records)
         records = offline_records(sweep / str(i))
         (wandb_run,) = records_of(records, "run")
         assert (wandb_run.run_group, wandb_run.job_type, wandb_run.run_id) == (
@@ -116,8 +125,6 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
         history = [items_of(h.item) for h in records_of(records, "history")]
         metric_rows = [h for h in history if "eval/reward_mean" in h or "train/loss" in h]  # not tables
         assert [(h["iteration"], h["samples"]) for h in metric_rows] == [(0, 0), (1, 8)]
-    built = sorted(p.name.split("-")[0] for p in artifacts.iterdir() if p.is_dir())
-    assert built == ["base", "reward", "sft"]  # one of each, shared by both jobs
 
 
 def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
