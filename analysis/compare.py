@@ -7,18 +7,29 @@ The machinery every catalogue row (analysis.verdicts) shares:
    others (for example one per algorithm); `judge` applies a row's rule in each context, and the
    contexts must agree, or the verdict is inconclusive. Runs of one knob value and seed that differ in
    nothing else swept (a repeated job, or, where a row compares algorithms, algorithm hyperparameters)
-   are averaged, and the note says so.
+   are averaged (a cell with a censored run is censored), and the note says so.
 2. Equal samples: every run of a group is cut at the smallest number of generated samples any of them
    reached before any measure is taken ("final", "gain" and "samples-to-half-gain" as defined in
-   analysis.stats).
+   analysis.stats; a half gain never reached is censored, +inf).
 3. Per seed, then across seeds: a rule is written in terms of `Effect`s, numbers computed per seed
    (paired across knob values: only seeds present for every compared value count) whose sign says
-   whether that part of the claim holds. Across seeds an effect is clearly positive when every seed's
-   value is positive and its 95% t interval lies above 0, clearly negative likewise; anything else
-   (seeds disagree, or the interval straddles 0) is noise. The rule combines its effects' directions
-   (`holds`, `all_of`, `any_of`, `no_worse`) into supported, contradicted or inconclusive. One seed has
-   no interval, so it is always inconclusive; the note then gives the verdict the point estimates
-   (each effect judged by the sign of its mean) lean to.
+   whether that part of the claim holds. Across seeds (analysis.inference) each effect gets one test:
+   - a difference: the two-sided one-sample t test of mean 0, with its 95% interval, t or bootstrap
+     (`inference.interval`); when a seed's value is censored (±inf: one arm never reached a level, so
+     only the sign is known) the exact sign test instead, and a median, never a mean;
+   - an equivalence ("about the same": an effect with a `margin`): the TOST of |mean| < margin
+     against the one-sided t test of the mean beyond the margin on its side, whichever p is smaller;
+     a censored seed lies beyond the margin, so then only the one-sided sign test of "beyond" is made.
+   The p-values of one Finding's effects are Holm-corrected together. An effect is clearly positive
+   (negative) when its Holm-adjusted p < 0.05, its estimate points that way and, for a difference with
+   a mean, its 95% interval excludes 0 on that side; anything else is noise. For an equivalence,
+   positive means inside the margin. NaN seeds (no value, or both arms censored: undecided) are left
+   out of the test (the effect's n counts the others; the arms' numbers count their censored runs).
+   The rule combines its effects' directions (`holds`, `all_of`, `any_of`, `no_worse`) into supported,
+   contradicted or inconclusive. One seed has no test, so it is always inconclusive; the note then
+   gives the verdict the point estimates lean to (each effect judged by the sign of its mean, or its
+   median when censored). An inconclusive verdict's note gives, for each effect that is noise, the
+   seeds needed for 80% power at alpha 0.05 at the observed effect and spread (`Effect.power`).
 4. "not run" when no group has what the rule needs (the knob, a needed value, or a metric).
 """
 
@@ -28,14 +39,26 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
+from functools import cached_property, partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from analysis.inference import (
+    ALPHA,
+    MAX_SEEDS,
+    Interval,
+    holm,
+    interval,
+    seeds_needed,
+    sign_pvalue,
+    sign_seeds_needed,
+    t_pvalue,
+    tost_pvalue,
+)
 from analysis.records import knob_columns, row_keys, sort_key, swept_knobs, value_key
-from analysis.stats import CI, final_value, gain, mean_ci, samples_to_half_gain
+from analysis.stats import Censored, censored_summary, final_value, gain, samples_to_half_gain
 
 VERDICTS = ("supported", "contradicted", "inconclusive", "not run")
 
@@ -56,35 +79,106 @@ class Verdict:
 # --------------------------------------------------------------------------- effects and decisions
 
 
+def summary(values: Iterable[float]) -> Interval | Censored:
+    """Numbers across seeds: the mean and 95% interval, or the censored summary when a value is ±inf."""
+    values = np.asarray(list(values), dtype=float)
+    return censored_summary(values) if np.isinf(values).any() else interval(values)
+
+
+class Test(NamedTuple):
+    """An effect's test across seeds: the direction the seeds point, its p-value and the test's name."""
+
+    sign: int
+    p: float
+    name: str
+
+
 @dataclass(frozen=True)
 class Effect:
-    """A per-seed number whose sign says whether one part of a claim holds for that seed."""
+    """A per-seed number whose sign says whether one part of a claim holds for that seed.
+
+    NaN: no value (left out of the test); ±inf: censored, only its sign is known. With a `margin` the
+    part is an equivalence, which holds for a seed when |value| < margin."""
 
     name: str
     per_seed: Mapping[int, float]
+    margin: float | None = None
+
+    def values(self) -> np.ndarray:
+        """The seeds' values, NaN left out."""
+        values = np.asarray(list(self.per_seed.values()), dtype=float)
+        return values[~np.isnan(values)]
 
     @property
-    def ci(self) -> CI:
-        return mean_ci(self.per_seed.values())
+    def censored(self) -> bool:
+        return bool(np.isinf(self.values()).any())
 
-    def strict(self) -> int:
-        """+1 clearly positive, -1 clearly negative (every seed, and the 95% interval), 0 noise."""
-        values = [v for v in self.per_seed.values() if not math.isnan(v)]
-        ci = self.ci
-        if ci.n < 2 or math.isnan(ci.half):
-            return 0
-        if all(v > 0 for v in values) and ci.lo > 0:
-            return 1
-        if all(v < 0 for v in values) and ci.hi < 0:
-            return -1
-        return 0
+    def summary(self) -> Interval | Censored:
+        return summary(self.per_seed.values())
+
+    def _signs(self) -> np.ndarray:
+        """What the sign test counts: the values, or for an equivalence |value| - margin (+: beyond)."""
+        values = self.values()
+        return values if self.margin is None else np.abs(values) - self.margin
+
+    def test(self) -> Test:
+        """The direction the seeds point (+1, -1; 0 for fewer than two) and the p-value of its test."""
+        values = self.values()
+        if values.size < 2:
+            return Test(0, 1.0, "no test: fewer than two seeds")
+        if self.margin is None:
+            if self.censored:
+                sign = int(np.sign((values > 0).sum() - (values < 0).sum()))
+                return Test(sign, sign_pvalue(values), "sign test")
+            return Test(int(np.sign(values.mean())), t_pvalue(values), "t test")
+        if self.censored:
+            return Test(-1, sign_pvalue(self._signs(), alternative="greater"), "sign test beyond the margin")
+        inside = tost_pvalue(values, self.margin)
+        side = 1.0 if values.mean() >= 0 else -1.0
+        beyond = t_pvalue(side * values, self.margin, alternative="greater")
+        if inside <= beyond:
+            return Test(1, inside, "TOST inside the margin")
+        return Test(-1, beyond, "t test beyond the margin")
 
     def lean(self) -> int:
-        """The sign of the mean alone: what the point estimates say."""
-        return int(np.sign(self.ci.mean)) if self.ci.n else 0
+        """The direction of the point estimate alone: the mean's sign (the median's when censored); for
+        an equivalence +1 when it lies inside the margin, else -1."""
+        values = self.values()
+        if values.size == 0:
+            return 0
+        centre = float(np.median(values) if self.censored else values.mean())
+        if self.margin is None:
+            return int(np.sign(centre))
+        return 1 if abs(centre) < self.margin else -1
+
+    def power(self) -> str:
+        """Seeds needed for 80% power at alpha 0.05 at the observed effect and spread: the two-sided t
+        test at |mean| / sd; for an equivalence the one-sided t test at |margin - |mean|| / sd; when
+        censored, the sign test at the observed share of positive (beyond-the-margin) seeds."""
+        values = self.values()
+        if values.size < 2:
+            return "no effect observed (one seed: sd undefined)"
+        if self.censored:
+            signs = self._signs()
+            decided = signs[signs != 0]
+            share = float((decided > 0).mean()) if decided.size else 0.5
+            if share == 0.5 or (self.margin is not None and share < 0.5):
+                return "no effect observed"
+            side = "positive" if self.margin is None else "beyond the margin"
+            needed = sign_seeds_needed(share, "two-sided" if self.margin is None else "greater")
+            test = f"sign test, {share:.0%} of seeds {side}"
+        else:
+            distance = values.mean() if self.margin is None else self.margin - abs(values.mean())
+            if distance == 0:
+                return "no effect observed"
+            sd = float(values.std(ddof=1))
+            size = abs(distance) / sd if sd > 0 else math.inf
+            needed = seeds_needed(size, "two-sided" if self.margin is None else "larger")
+            test = f"t test, effect size {size:.2g}"
+        return f"{needed if needed is not None else f'> {MAX_SEEDS}'} seeds ({test})"
 
 
-# how a rule reads an effect's direction: Effect.strict for the verdict, Effect.lean for the note
+# how a rule reads an effect's direction: Finding.strict for the verdict, Effect.lean for the note
 Direction = Callable[[Effect], int]
 Decide = Callable[[Direction], str]
 
@@ -123,6 +217,23 @@ class Finding:
     seeds: int
     note: str = ""
 
+    @cached_property
+    def adjusted(self) -> list[float]:
+        """The effects' p-values (`Effect.test`), Holm-adjusted across this Finding, in order."""
+        return holm([e.test().p for e in self.effects])
+
+    def strict(self, effect: Effect) -> int:
+        """+1 clearly positive, -1 clearly negative, 0 noise: Holm-adjusted p < 0.05 in the direction
+        of the estimate and, for a difference with a mean, its 95% interval excluding 0 on that side."""
+        index = next(i for i, e in enumerate(self.effects) if e is effect)
+        sign = effect.test().sign
+        if sign == 0 or not self.adjusted[index] < ALPHA:
+            return 0
+        estimate = effect.summary()
+        if effect.margin is None and isinstance(estimate, Interval):
+            return sign if (estimate.lo > 0 if sign > 0 else estimate.hi < 0) else 0
+        return sign
+
 
 # --------------------------------------------------------------------------- selecting runs
 
@@ -142,7 +253,8 @@ class Group:
         return sorted(self.cells, key=sort_key)
 
     def measure(self, value: Any, fn: Callable[[pd.DataFrame], float]) -> dict[int, float]:
-        """Per seed: `fn` of each run of the cell, averaged over the runs of one seed."""
+        """Per seed: `fn` of each run of the cell, averaged over the runs of one seed (NaN left out; the
+        average is +inf, censored, when one of them is)."""
         per_seed = {}
         for seed, run_ids in self.cells.get(value, {}).items():
             results = [fn(self.histories[r]) for r in run_ids]
@@ -158,15 +270,6 @@ class Group:
 
     def has_metric(self, metric: str) -> bool:
         return all(metric in h.columns and h[metric].notna().any() for h in self.histories.values())
-
-    def half_gain_samples(self, metric: str) -> Callable[[pd.DataFrame], float]:
-        """Samples-to-half-gain; the budget for a run whose gain is not positive (it never gets there)."""
-
-        def fn(history: pd.DataFrame) -> float:
-            value = samples_to_half_gain(history, metric)
-            return self.budget if math.isnan(value) else value
-
-        return fn
 
 
 class Study:
@@ -241,9 +344,10 @@ def seed_effect(name: str, per_value: dict, seeds: Iterable[int], combine: Calla
     return Effect(name, {s: combine({v: m[s] for v, m in per_value.items()}) for s in seeds})
 
 
-def means(label: str, per_value: dict, seeds: Sequence[int]) -> dict[str, CI]:
-    """Numbers: the mean and interval of a measure for each knob value, over the common seeds."""
-    return {f"{label} [{v}]": mean_ci(m[s] for s in seeds) for v, m in per_value.items()}
+def means(label: str, per_value: dict, seeds: Sequence[int]) -> dict[str, Interval | Censored]:
+    """Numbers: the `summary` of a measure for each knob value over the common seeds (the mean and
+    interval, or the median and counts when some seed is censored)."""
+    return {f"{label} [{v}]": summary(m[s] for s in seeds) for v, m in per_value.items()}
 
 
 def difference(
@@ -277,13 +381,19 @@ def reporting(found: Finding | None, group: Group, value: Any, parts: Sequence[t
     """Add the measures of `parts` at a knob value the row reports but its rule does not use."""
     if found is not None and value in group.cells:
         for label, fn, *_ in parts:
-            found.numbers[f"{label} [{value}]"] = mean_ci(group.measure(value, fn).values())
+            found.numbers[f"{label} [{value}]"] = summary(group.measure(value, fn).values())
     return found
 
 
 def finding(decide: Decide, effects: list[Effect], numbers: dict, seeds: int, note: str = "") -> Finding:
-    """A Finding whose numbers also hold every effect's mean and 95% interval."""
-    return Finding(decide, effects, {**numbers, **{e.name: e.ci for e in effects}}, seeds, note)
+    """A Finding whose numbers also hold every effect's `summary` and its p-value (Holm-adjusted across
+    the effects when there are several)."""
+    found = Finding(decide, effects, dict(numbers), seeds, note)
+    holm_note = ", Holm-adjusted" if len(effects) > 1 else ""
+    for effect, p in zip(effects, found.adjusted):
+        found.numbers[effect.name] = effect.summary()
+        found.numbers[f"{effect.name}: p ({effect.test().name}{holm_note})"] = p
+    return found
 
 
 DIRECTION = {1: "clearly positive", -1: "clearly negative", 0: "noise"}
@@ -296,16 +406,16 @@ def judge(
     found = [(g, f) for g in groups for f in [rule(g)] if f is not None]
     if not found:
         return Verdict(row, claim, "not run", note=f"needs {missing}")
-    strict = {f.decide(Effect.strict) for _, f in found}
+    strict = {f.decide(f.strict) for _, f in found}
     lean = {f.decide(Effect.lean) for _, f in found}
     verdict = next(iter(strict)) if len(strict) == 1 else "inconclusive"
     seeds = min(f.seeds for _, f in found)
     notes = [n for g, f in found for n in (g.note, f.note) if n]
     if len(found) > 1:
-        notes.append("contexts: " + "; ".join(f"{g.label}: {f.decide(Effect.strict)}" for g, f in found))
+        notes.append("contexts: " + "; ".join(f"{g.label}: {f.decide(f.strict)}" for g, f in found))
     for g, f in found:
         if len(f.effects) > 1:  # say which part of a composite rule decided
-            parts = "; ".join(f"{e.name}: {DIRECTION[e.strict()]}" for e in f.effects)
+            parts = "; ".join(f"{e.name}: {DIRECTION[f.strict(e)]}" for e in f.effects)
             notes.append(f"{g.label + ' ' if len(found) > 1 else ''}parts: {parts}")
     if verdict == "inconclusive" and len(lean) == 1 and (lean_verdict := next(iter(lean))) != "inconclusive":
         if len(strict) > 1:
@@ -315,6 +425,18 @@ def judge(
         else:
             reason = "the effect is inside the noise"
         notes.append(f"{reason}; the point estimates lean {lean_verdict}")
+    if verdict == "inconclusive":
+        power = [
+            f"{g.label + ' ' if len(found) > 1 else ''}{e.name}: {e.power()}"
+            for g, f in found
+            for e in f.effects
+            if f.strict(e) == 0
+        ]
+        notes.append(
+            "seeds needed for 80% power at alpha 0.05: " + "; ".join(power)
+            if power
+            else "every effect is clear: more seeds would not change the verdict"
+        )
     numbers = {}
     for g, f in found:
         prefix = f"{g.label}: " if len(found) > 1 and g.label else ""
@@ -336,6 +458,11 @@ def final_of(metric: str) -> Callable[[pd.DataFrame], float]:
 
 def gain_of(metric: str) -> Callable[[pd.DataFrame], float]:
     return partial(gain, metric=metric)
+
+
+def half_gain_of(metric: str) -> Callable[[pd.DataFrame], float]:
+    """Samples-to-half-gain: +inf (censored) for a run that never gets there."""
+    return partial(samples_to_half_gain, metric=metric)
 
 
 def extreme_values(group: Group) -> tuple[Any, Any] | None:

@@ -8,18 +8,23 @@ is read from the rows that have it (an eval metric is on eval rows only).
   iterations in a 30-iteration run), the last row that has it.
 - `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = final - initial.
 - `samples_to_half_gain`: the first number of generated samples at which the metric, linearly
-  interpolated between its rows, reaches initial + gain / 2; NaN when the gain is not positive.
+  interpolated between its rows, reaches initial + gain / 2; +inf (censored: never reached within the
+  run's samples) when the gain is not positive.
 - `step_std`: the standard deviation of the iteration-to-iteration changes of a series (its first
   differences), a roughness measure that a steady trend does not inflate.
 - `mean_ci`: the mean across seeds and the half-width of its 95% Student-t interval,
   t.ppf(0.975, n-1) * sd / sqrt(n) with the sample sd (ddof=1). One value (n=1) has no interval:
   the half-width is NaN, and the verdicts read that as "cannot tell the effect from the noise".
+  A censored value (±inf) has no mean: `mean_ci` refuses it.
+- `censored_summary`: values some of which are censored (+inf: never reached) are summarised by their
+  median with the censored ones ranked last, and the counts reached and censored, never by a mean.
 - `interpolate` / `band`: curves of several runs on a common samples grid (NaN outside a run's own
   range, never extrapolated), and their mean and interval at every grid point.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,13 +72,43 @@ def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def mean_ci(values: Iterable[float]) -> CI:
-    """Mean and 95% Student-t half-width of the finite `values` (NaN values are left out)."""
+    """Mean and 95% Student-t half-width of `values` (NaN values are left out); ValueError on a
+    censored (infinite) value, which must never be averaged as if reached."""
     array = np.asarray(list(values), dtype=float)
-    array = array[np.isfinite(array)]
+    array = array[~np.isnan(array)]
+    if np.isinf(array).any():
+        raise ValueError("censored (infinite) values have no mean: use censored_summary")
     if array.size == 0:
         return CI(float("nan"), float("nan"), 0)
     mean, half, n = band(array[:, None])
     return CI(float(mean[0]), float(half[0]), int(n[0]))
+
+
+@dataclass(frozen=True)
+class Censored:
+    """Values of which some are censored (±inf: beyond the budget, side known, size not): the median
+    with censored values ranked at their end (finite while fewer than half are censored on one side),
+    the counts of measured and censored values, and of seeds without a value (`undecided`, NaN)."""
+
+    median: float
+    measured: int
+    censored: int
+    undecided: int = 0
+
+    def __str__(self) -> str:
+        counts = f"{self.measured} measured, {self.censored} censored"
+        if self.undecided:
+            counts += f", {self.undecided} undecided"
+        return f"median {self.median:.3g} ({counts})"
+
+
+def censored_summary(values: Iterable[float]) -> Censored:
+    """The `Censored` summary of `values` (±inf censored, NaN undecided)."""
+    array = np.asarray(list(values), dtype=float)
+    known = array[~np.isnan(array)]
+    median = float(np.median(known)) if known.size else float("nan")
+    censored = int(np.isinf(known).sum())
+    return Censored(median, known.size - censored, censored, int(np.isnan(array).sum()))
 
 
 def series(history: pd.DataFrame, metric: str, x: str = "iteration") -> pd.DataFrame:
@@ -131,16 +166,19 @@ def gain(history: pd.DataFrame, metric: str) -> float:
 
 
 def samples_to_half_gain(history: pd.DataFrame, metric: str) -> float:
-    """First samples count at which the interpolated metric reaches initial + gain / 2 (NaN if gain <= 0)."""
+    """First samples count at which the interpolated metric reaches initial + gain / 2; +inf (censored)
+    when the gain is not positive (the run never rises), NaN when the run lacks the metric."""
     total = gain(history, metric)
-    if not total > 0:
+    if math.isnan(total):
         return float("nan")
+    if not total > 0:
+        return math.inf
     target = initial_value(history, metric) + total / 2
     rows = series(history, metric, x="samples")
     x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
     reached = np.flatnonzero(y >= target)
     if reached.size == 0:
-        return float("nan")
+        return math.inf
     i = reached[0]
     if i == 0:
         return float(x[0])

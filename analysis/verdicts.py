@@ -2,9 +2,14 @@
 
 Every function takes the `runs` and `history` frames (analysis.records) and returns a `Verdict` for its
 row: the selection, the equal-samples cut, the per-seed effects and how they combine across seeds are
-shared (analysis.compare); each function's docstring states its rule. "Clearly positive" means every
-seed's value is positive and the 95% t interval across seeds lies above 0; anything short of clearly
-positive or clearly negative is noise, which leaves that part inconclusive.
+shared (analysis.compare); each function's docstring states its rule. "Clearly positive" means the
+effect's test across seeds (one-sample t; the sign test when a seed is censored) has a Holm-adjusted
+p < 0.05 (Holm across the row's effects) with the estimate above 0 and, where there is a mean, its 95%
+interval (t or bootstrap, named in the numbers) above 0; anything short of clearly positive or clearly
+negative is noise, which leaves that part inconclusive, and the note then gives the seeds needed for
+80% power.
+A samples-to-half-gain that is never reached (the gain is not positive) is censored: reported as a
+median with the counts reached and censored, and compared per seed by its side only, never averaged.
 """
 
 from __future__ import annotations
@@ -30,15 +35,17 @@ from analysis.compare import (
     final_of,
     finding,
     gain_of,
+    half_gain_of,
     holds,
     judge,
     means,
     no_worse,
     reporting,
     seed_effect,
+    summary,
     two_values,
 )
-from analysis.stats import max_value, mean_ci, mean_value, step_std
+from analysis.stats import max_value, mean_value, step_std
 
 REWARD, GOLD, KL = "eval/reward_mean", "eval/gold_mean", "eval/kl_mean"
 ALGORITHMS = ("ppo_gae", "ppo_sampled", "rrhf")
@@ -76,27 +83,50 @@ def _judge(row: str, groups: list[Group], rule: Callable[[Group], Finding | None
 # --------------------------------------------------------------------------- the rows
 
 
+EQUIVALENCE_RATIO = 1.5
+
+
+def log_gain_ratio(gains: Mapping[str, float]) -> float:
+    """log(largest / smallest gain); +inf (censored above any margin) when a gain is not positive."""
+    values = list(gains.values())
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return math.log(max(values) / min(values)) if min(values) > 0 else math.inf
+
+
 def three_algorithms(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule: per seed, gain of eval/reward_mean per algorithm and the effect 1.5 x smallest gain -
-    largest gain (positive iff largest / smallest <= 1.5 with every gain positive). Supported when it
-    is clearly positive, contradicted when clearly negative. Needs all three algorithms."""
+    """Rule (an equivalence, margin log 1.5): per seed, the log ratio of the largest to the smallest of
+    the three algorithms' gains of eval/reward_mean. Supported when the TOST rejects at 0.05 (the mean
+    log ratio is below log 1.5; the ratio is >= 1, so only the upper bound binds); contradicted when the
+    one-sided t test puts the mean log ratio above log 1.5 at 0.05; else inconclusive. A seed with a
+    non-positive gain has an infinite ratio: censored above the margin and counted, not averaged; with
+    one, only the one-sided sign test of "above the margin" can decide (contradicted), never supported.
+    The gold gains (eval/gold_mean), where the runs have them, are reported first. Needs all three
+    algorithms."""
 
     def rule(g: Group) -> Finding | None:
         if not set(ALGORITHMS) <= set(g.cells):
             return None
-        per_value, seeds = g.paired(ALGORITHMS, gain_of(REWARD))
-        effect = seed_effect(
-            "1.5 x smallest gain - largest gain",
-            per_value,
-            seeds,
-            lambda m: 1.5 * min(m.values()) - max(m.values()),
+        proxy, seeds = g.paired(ALGORITHMS, gain_of(REWARD))
+        gold, _ = g.paired(ALGORITHMS, gain_of(GOLD)) if g.has_metric(GOLD) else ({}, [])
+        ratio = Effect(
+            "log(largest / smallest proxy gain)",
+            {s: log_gain_ratio({a: proxy[a][s] for a in ALGORITHMS}) for s in seeds},
+            margin=math.log(EQUIVALENCE_RATIO),
         )
-        numbers = means("gain", per_value, seeds)
-        mean_gains = [numbers[f"gain [{a}]"].mean for a in ALGORITHMS]
-        numbers["largest / smallest mean gain"] = (
-            max(mean_gains) / min(mean_gains) if min(mean_gains) > 0 else float("inf")
+        numbers = {
+            **means("gold gain", gold, seeds),
+            **means("proxy gain", proxy, seeds),
+            "margin: log 1.5": math.log(EQUIVALENCE_RATIO),
+        }
+        censored = sum(math.isinf(v) for v in ratio.per_seed.values())
+        note = (
+            f"{censored} of {len(seeds)} seeds have a non-positive proxy gain: their ratio is censored "
+            "above the margin (sign test)"
+            if censored
+            else ""
         )
-        return finding(lambda direction: holds(direction(effect)), [effect], numbers, len(seeds))
+        return finding(lambda direction: holds(direction(ratio)), [ratio], numbers, len(seeds), note)
 
     return _judge(
         "three_algorithms",
@@ -107,15 +137,17 @@ def three_algorithms(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 
 
 def rrhf_fast_but_far(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule: per seed, samples-to-half-gain of eval/reward_mean (the budget when the gain is not positive)
-    and final eval/kl_mean per algorithm; effects: fewest PPO samples - RRHF samples (RRHF fastest) and
-    RRHF KL - largest PPO KL (RRHF furthest). Supported when both are clearly positive, contradicted
-    when either is clearly negative."""
+    """Rule: per seed, samples-to-half-gain of eval/reward_mean (censored, +inf, when the gain is not
+    positive) and final eval/kl_mean per algorithm; effects: fewest PPO samples - RRHF samples (RRHF
+    fastest) and RRHF KL - largest PPO KL (RRHF furthest). A seed where only one side is censored is
+    decided by it (the censored side is slower: ±inf), one where both are is undecided (NaN); a
+    censored seed makes the speed effect a sign test. Supported when both are clearly positive,
+    contradicted when either is clearly negative."""
 
     def rule(g: Group) -> Finding | None:
         if not set(ALGORITHMS) <= set(g.cells):
             return None
-        speed, seeds = g.paired(ALGORITHMS, g.half_gain_samples(REWARD))
+        speed, seeds = g.paired(ALGORITHMS, half_gain_of(REWARD))
         kl, _ = g.paired(ALGORITHMS, final_of(KL))
         fast = seed_effect(
             "fewest PPO half-gain samples - RRHF's",
@@ -257,7 +289,7 @@ def adam_eps(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
             f"final reward [{small}] - [{large}] - margin",
             {s: final[small][s] - final[large][s] - margin[s] for s in seeds},
         )
-        numbers = {**means("final reward", final, seeds), "margin (10% of gain)": mean_ci(margin.values())}
+        numbers = {**means("final reward", final, seeds), "margin (10% of gain)": summary(margin.values())}
         return finding(
             lambda direction: any_of(direction(higher), direction(lower)),
             [higher, lower],
@@ -314,10 +346,10 @@ def rollout_size(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (rollout.samples_per_iteration; small = smallest value, large = largest, medium = the rest):
     per seed, the roughness of the eval reward curve (iteration-to-iteration std of eval/reward_mean;
     the eval prompts and samples are the same for every batch size, so it measures the policy's jumps,
-    not the batch's sampling noise) and samples-to-half-gain of eval/reward_mean (the budget when the
-    gain is not positive). Effects: roughness at small - the largest other roughness, and half-gain
-    samples at large - the largest other. Supported when both are clearly positive, contradicted when
-    either is clearly negative."""
+    not the batch's sampling noise) and samples-to-half-gain of eval/reward_mean (censored, +inf, when
+    the gain is not positive). Effects: roughness at small - the largest other roughness, and half-gain
+    samples at large - the largest other (±inf when one side is censored, undecided when both are).
+    Supported when both are clearly positive, contradicted when either is clearly negative."""
 
     def rule(g: Group) -> Finding | None:
         ends = extreme_values(g)
@@ -326,7 +358,7 @@ def rollout_size(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         small, large = ends
         values = g.values()
         rough, seeds = g.paired(values, partial(step_std, metric=REWARD))
-        slow, _ = g.paired(values, g.half_gain_samples(REWARD))
+        slow, _ = g.paired(values, half_gain_of(REWARD))
         unstable = seed_effect(
             f"roughness [{small}] - largest other",
             rough,
@@ -375,14 +407,15 @@ def sampled_baseline(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ppo_gae, reward.pooling last vs mean): the two poolings are different reward models, so
     the measure is eval/gold_mean where the runs have it (eval/reward_mean otherwise). Per seed: gain
-    (last - mean) and samples-to-half-gain (mean - last: positive = last is faster). Supported when
+    (last - mean) and samples-to-half-gain (mean - last: positive = last is faster; censored when a
+    run's gain is not positive, compared by its side only). Supported when
     either is clearly positive ("larger or faster"), contradicted when both are clearly negative."""
 
     def rule(g: Group) -> Finding | None:
         metric = GOLD if g.has_metric(GOLD) else REWARD
         parts = [
             (f"gain {metric}", gain_of(metric), "last", "mean"),
-            (f"half-gain samples {metric}", g.half_gain_samples(metric), "mean", "last"),
+            (f"half-gain samples {metric}", half_gain_of(metric), "mean", "last"),
         ]
         return two_values(g, parts, any_of)
 
@@ -437,7 +470,7 @@ def multi_adapter_memory(
         verdict = "contradicted"
     else:
         verdict = "inconclusive"
-    numbers = {f"peak / one model [{mode}]": mean_ci(values) for mode, values in ratios.items()}
+    numbers = {f"peak / one model [{mode}]": summary(values) for mode, values in ratios.items()}
     return Verdict(row, CLAIMS[row], verdict, numbers, len(measured), ", ".join(sorted(paths)))
 
 
@@ -454,8 +487,8 @@ def ema(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         ema_final, live_final = final_of(f"eval_ema/{metric}"), final_of(f"eval/{metric}")
         effect = Effect(f"final {metric} EMA - live", g.measure(True, lambda h: ema_final(h) - live_final(h)))
         numbers = {
-            f"final {metric} [EMA]": mean_ci(g.measure(True, ema_final).values()),
-            f"final {metric} [live]": mean_ci(g.measure(True, live_final).values()),
+            f"final {metric} [EMA]": summary(g.measure(True, ema_final).values()),
+            f"final {metric} [live]": summary(g.measure(True, live_final).values()),
         }
         return finding(lambda direction: holds(direction(effect)), [effect], numbers, len(effect.per_seed))
 

@@ -10,7 +10,9 @@ import pytest
 from scipy import stats as st
 
 from analysis.stats import (
+    Censored,
     band,
+    censored_summary,
     curve,
     final_value,
     gain,
@@ -93,7 +95,26 @@ def test_gain_and_half_gain():
     assert gain(rows, "m") == pytest.approx(4.0)  # last 10% of 4 iterations: iteration 4 only
     # target 3: crossed between samples 20 (2.0) and 30 (5.0), a third of the way
     assert samples_to_half_gain(rows, "m") == pytest.approx(20 + 10 / 3)
-    assert math.isnan(samples_to_half_gain(history([1.0, 0.5, 0.0]), "m"))
+    # a run that never rises never reaches its half gain: censored (+inf), not a number of samples
+    assert samples_to_half_gain(history([1.0, 0.5, 0.0]), "m") == math.inf
+    assert math.isnan(samples_to_half_gain(history([1.0, 0.5, 0.0]), "other"))
+
+
+def test_censored_values_are_never_averaged():
+    with pytest.raises(ValueError, match="censored"):
+        mean_ci([300.0, 200.0, math.inf])
+
+
+def test_censored_summary_ranks_censored_values_last():
+    # the median of 200, 300 and a value never reached is 300, whatever the budget was
+    assert censored_summary([300.0, math.inf, 200.0]) == Censored(300.0, 2, 1)
+    # half or more censored: the median is censored too
+    assert censored_summary([100.0, math.inf]).median == math.inf
+    assert censored_summary([100.0, math.inf, math.inf]) == Censored(math.inf, 1, 2)
+    # NaN: a seed without a value, counted apart
+    summary = censored_summary([-math.inf, 5.0, 7.0, float("nan")])
+    assert summary == Censored(5.0, 2, 1, 1)
+    assert str(summary) == "median 5 (2 measured, 1 censored, 1 undecided)"
 
 
 def test_step_std_of_changes():

@@ -9,8 +9,9 @@ import pytest
 from test_analysis_support import CASES, EFFECT, INITIAL_REWARD, synthetic_run
 
 from analysis.compare import VERDICTS
+from analysis.inference import t_pvalue
 from analysis.records import frames_from_records
-from analysis.verdicts import CLAIMS, ROWS, evaluate_all, multi_adapter_memory, rrhf_online
+from analysis.verdicts import CLAIMS, ROWS, evaluate_all, gae_defaults, multi_adapter_memory, rrhf_online
 
 Arm = tuple[dict, Callable[[float], dict]]
 
@@ -49,7 +50,8 @@ SCENARIOS: dict[str, list[Arm]] = {
     "three_algorithms": [
         same({ALGORITHM: "ppo_gae"}),
         same({ALGORITHM: "ppo_sampled"}),
-        ({ALGORITHM: "rrhf"}, lambda e: {"gain": 1.5 - 0.4 * e}),  # 1.5 x smallest - largest = 0.4 e
+        # largest / smallest gain = 1.5 - 0.4 e: inside the margin 1.5 for e > 0, beyond it for e < 0
+        ({ALGORITHM: "rrhf"}, lambda e: {"gain": 1.5 - 0.4 * e}),
     ],
     "rrhf_fast_but_far": [
         same({ALGORITHM: "ppo_gae"}),
@@ -153,6 +155,9 @@ def test_verdict_cases(row, case):
     assert verdict.verdict == case, (verdict.numbers, verdict.note)
     assert verdict.id == row and verdict.claim == CLAIMS[row]
     assert verdict.seeds == 3 and verdict.numbers and verdict.source == "synthetic"
+    # every inconclusive verdict says how many seeds would tell its noisy effects apart
+    assert ("seeds needed for 80% power at alpha 0.05: " in verdict.note) == (case == "inconclusive")
+    assert all(isinstance(p, float) for k, p in verdict.numbers.items() if ": p (" in k)
 
 
 @pytest.mark.parametrize("row", sorted(set(SCENARIOS) - {"three_algorithms", "rrhf_fast_but_far"}))
@@ -167,6 +172,7 @@ def test_one_seed_is_inconclusive_with_its_lean():
     verdict = rrhf_online(runs, history)
     assert verdict.verdict == "inconclusive" and verdict.seeds == 1
     assert "one seed has no interval; the point estimates lean supported" in verdict.note
+    assert "final reward [online] - [offline]: no effect observed (one seed: sd undefined)" in verdict.note
 
 
 def test_failed_runs_are_left_out():
@@ -188,6 +194,28 @@ def test_contexts_must_agree():
     assert verdict.verdict == "inconclusive"
     assert "algorithm.name=ppo_gae: supported" in verdict.note and "ppo_sampled: contradicted" in verdict.note
     assert any(k.startswith("algorithm.name=ppo_sampled: ") for k in verdict.numbers)
+
+
+def test_holm_across_the_effects_of_a_row():
+    """gae_defaults tests the default against the best and against each other setting (three effects):
+    a setting worse by 1.4, 2.0, 2.6 has t-test p = 0.029 alone, 3 x 0.029 after Holm: not clear."""
+    worse = [1.4, 2.0, 2.6]
+    settings = [(1.0, 0.95), (0.99, 0.95), (1.0, 0.9)]
+    records = [
+        synthetic_run(
+            f"{i}-{seed}",
+            seed,
+            {"algorithm.gamma": gamma, "algorithm.lam": lam},
+            gain=1 - (x if (gamma, lam) == (0.99, 0.95) else 0),
+        )
+        for seed, x in enumerate(worse)
+        for i, (gamma, lam) in enumerate(settings)
+    ]
+    verdict = gae_defaults(*frames_from_records(records))
+    p = t_pvalue(worse)
+    assert p < 0.05 < 3 * p
+    assert verdict.numbers["default - (0.99, 0.95): p (t test, Holm-adjusted)"] == pytest.approx(3 * p)
+    assert verdict.verdict == "inconclusive"
 
 
 def test_runs_compared_at_equal_samples():
