@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.arms import arms_table, evaluation_runs, read_tuning, tuning_table
 from analysis.plots import make_figures
 from analysis.records import Records, load_local, load_wandb, series
 from analysis.stats import CI, final_value, gain, mean_ci
@@ -85,21 +86,38 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
 
 def build_report(records: Records, out: Path) -> str:
     """Write the figures and `out/report.md`; return the report's tables as text."""
-    runs = records.runs
+    # a tuning grid's runs choose the arms; only the evaluation runs are compared
+    runs = evaluation_runs(records.runs)
     ok = runs[runs["status"] == "ok"]
     ok_history = records.history[records.history["run"].isin(ok["run"])]
     counts = runs["status"].value_counts()
-    sections = [
+    sections = []
+    tuning = read_tuning(records.runs)
+    if tuning or ok["algorithm"].nunique() > 1:
+        sections.append(
+            "## Arms\n\nEach algorithm as it ran: at the config its tuning picked (grid below) when the "
+            "sweep was tuned, on evaluation seeds apart from the tuning seeds. Gains are final minus "
+            "iteration 0 (± = 95% interval over seeds, its method named); the budget columns are means "
+            "per run.\n\n" + markdown_table(*arms_table(ok, ok_history, tuning))
+        )
+    if tuning:
+        sections.append(
+            "## Tuning\n\nScore: the mean gold gain over the sample budget (area under the gold curve), "
+            "per tuning seed.\n\n" + markdown_table(*tuning_table(tuning))
+        )
+    sections.append(
         "## Runs by series\n\nFinal = mean over each run's last 10% of iterations; ± = 95% t interval "
         "over seeds.\n\n" + series_table(ok, ok_history)
-    ]
+    )
     if len(ok) < len(runs):
         sections.append("## Failed or incomplete runs\n\n" + failures_table(runs))
     verdicts = evaluate_all(runs, records.history, records.benchmarks)
     sections.append(
         "## Verdicts (shared/ABLATIONS.md)\n\nEach rule is applied per seed, then across seeds, at equal "
-        "samples; inconclusive when seeds disagree or the effect is inside the 95% interval.\n\n"
-        + verdict_table(verdicts)
+        "samples: an effect is clear when its test (t; the exact sign test where a seed is censored) "
+        "rejects at 0.05 after Holm's correction across the row's effects; equivalence claims use TOST "
+        "within the row's margin. An inconclusive verdict's note gives the seeds that 80% power would "
+        "need at the observed effect and spread.\n\n" + verdict_table(verdicts)
     )
     figures = make_figures(ok, ok_history, out) if len(ok_history) else {}
     header = [

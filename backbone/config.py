@@ -404,7 +404,8 @@ class RunConfig:
     # under pipeline, stages that keep their own seed on purpose (task | sft | reward_model)
     pinned_stages: list[str] = field(default_factory=list)
     # evaluate: a run to compare; tune: a tuning-grid job of hydra/sweeper=tuned, which the report
-    # reads only to show the grid (its seeds and configs are not the comparison's)
+    # reads only to show the grid (its seeds and configs are not the comparison's); stages: that
+    # sweeper's job building one seed's SFT and reward model before the RL jobs
     phase: str = "evaluate"
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
     iterations: int = 60

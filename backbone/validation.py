@@ -20,7 +20,7 @@ from backbone.reward import NORMALIZE_MODES
 
 CHOICES = {
     "seed_scope": ("pipeline", "rl"),
-    "phase": ("evaluate", "tune"),
+    "phase": ("evaluate", "tune", "stages"),
     "kl.estimator": tuple(ESTIMATORS),
     "reward.normalize": NORMALIZE_MODES,
     "reward.pooling": ("last", "mean"),

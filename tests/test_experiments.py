@@ -10,18 +10,54 @@ from conftest import CONF, read_summary, run_entry
 from hydra import compose, initialize_config_dir
 from test_run import SMALL
 
+from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells
+
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-def sweep_params(experiment: str) -> dict[str, list[str]]:
+def sweeper(experiment: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
-    return {key: str(value).split(",") for key, value in cfg.hydra.sweeper.params.items()}
+    return cfg.hydra.sweeper
+
+
+def is_tuned(experiment: str) -> bool:
+    return sweeper(experiment)._target_.endswith("TunedSweeper")
+
+
+def sweep_params(experiment: str) -> dict[str, list[str]]:
+    return {key: str(value).split(",") for key, value in sweeper(experiment).params.items()}
+
+
+def jobs(experiment: str) -> list[list[str]]:
+    """Every job's overrides: the grid of a basic sweep; a tuned sweep's tuning and evaluation jobs."""
+    params = sweep_params(experiment)
+    if not is_tuned(experiment):
+        return [
+            [f"{k}={v}" for k, v in zip(params, values)] for values in itertools.product(*params.values())
+        ]
+    tuned = sweeper(experiment)
+    fixed = [f"{k}={v[0]}" for k, v in params.items()]
+    # every cell on a tuning seed, every evaluation seed on one cell (seeds change no key's type)
+    return [
+        *(
+            [f"algorithm={arm}", *cell, f"seed={tuned.tuning_seeds[0]}", *fixed]
+            for arm in tuned.arms
+            for cell in grid_cells(tuned.grids[arm])
+        ),
+        *([f"algorithm={tuned.arms[0]}", f"seed={seed}", *fixed] for seed in tuned.eval_seeds),
+    ]
 
 
 def test_every_experiment_sweeps_seeds_and_lands_in_its_own_folder():
     assert len(EXPERIMENTS) >= 14
     for experiment in EXPERIMENTS:
+        if is_tuned(experiment):
+            # the protocol's algorithm comparisons: equal grids, 10 evaluation seeds apart from tuning's
+            tuned = sweeper(experiment)
+            check_grids(tuned.arms, tuned.grids)
+            assert len(tuned.eval_seeds) >= 10 and not set(tuned.eval_seeds) & set(tuned.tuning_seeds)
+            continue
         params = sweep_params(experiment)
         assert params["seed"] == ["0", "1", "2"], experiment
         assert len(params) >= 2, experiment
@@ -29,12 +65,14 @@ def test_every_experiment_sweeps_seeds_and_lands_in_its_own_folder():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_job_of_the_grid_composes(experiment):
-    params = sweep_params(experiment)
+    seeds = {0, 1, 2}
+    if is_tuned(experiment):
+        seeds = {*sweeper(experiment).tuning_seeds, *sweeper(experiment).eval_seeds}
+    every_job = jobs(experiment)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        for values in itertools.product(*params.values()):
-            overrides = [f"{key}={value}" for key, value in zip(params, values)]
+        for overrides in every_job:
             cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides])
-            assert cfg.seed in (0, 1, 2)
+            assert cfg.seed in seeds
 
 
 def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):

@@ -171,3 +171,28 @@ def test_tuned_sweeper_picks_on_tuning_seeds_and_evaluates_on_others(tuned_sweep
     # common random numbers: the same SFT policy reads the same at iteration 0 in every arm of a seed
     for readings in first_evals.values():
         assert len(readings) == 2 and readings[0] == readings[1]
+
+
+def test_report_shows_each_arm_with_its_pick_and_budget_and_leaves_tuning_runs_out(tuned_sweep, tmp_path):
+    from analysis.records import load_local
+    from analysis.report import build_report
+
+    text = build_report(load_local([tuned_sweep]), tmp_path / "report")
+    tuning = json.loads((tuned_sweep / "tuning.json").read_text())
+    arms = text[text.index("## Arms") : text.index("## Tuning")]
+    for arm, record in tuning["arms"].items():
+        (row,) = [line for line in arms.splitlines() if line.startswith(f"| {arm} |")]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == " ".join(record["picked"]) and cells[2] == "1"  # the pick, one evaluation seed
+        summary = next(
+            read_summary(job)
+            for job in tuned_sweep.iterdir()
+            if (job / "summary.json").exists() and read_summary(job)["algorithm"] == arm
+        )
+        assert float(cells[6]) == summary["optimizer_steps"] and float(cells[7]) == summary["tokens_trained"]
+    grid = text[text.index("## Tuning") : text.index("## Runs by series")]
+    assert sum(line.startswith(("| ppo_gae |", "| rrhf |")) for line in grid.splitlines()) == 4
+    # the series table holds the evaluation runs only: one run per arm, no tuning or stage job
+    series = text[text.index("## Runs by series") :].split("## Verdicts")[0]
+    rows = [line.split("|") for line in series.splitlines() if line.startswith(("| ppo_gae", "| rrhf"))]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("ppo_gae", "1"), ("rrhf", "1")]

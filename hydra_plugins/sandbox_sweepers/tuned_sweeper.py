@@ -5,6 +5,8 @@ of the same size (its learning rate x its main knob), run on tuning seeds and sc
 the best cell of each arm is then run on evaluation seeds disjoint from the tuning ones, and only those
 runs are compared. One multirun does both phases through the configured launcher:
 
+    stages     every seed's SFT and reward model, built once   -> <sweep>/stages/<job> (phase=stages)
+               in parallel before the RL jobs that share them
     tune       for each arm, every grid cell x tuning seed    -> <sweep>/tune/<job>  (phase=tune)
     pick       per arm, the cell with the highest mean score  -> <sweep>/tuning.json and
                over the tuning seeds                             <sweep>/conf/algorithm/tuned_<arm>.yaml
@@ -148,6 +150,27 @@ class TunedSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        # stages: one job per seed (no RL), so that the RL jobs of a seed, running in parallel, do not
+        # queue on the lock of the artifact one of them is building
+        seeds = [*self.tuning_seeds, *self.eval_seeds]
+        no_budget = [o for o in fixed if o.split("=")[0].lstrip("+~") not in ("iterations", "total_samples")]
+        batch = [
+            [
+                f"algorithm={self.arms[0]}",
+                f"seed={seed}",
+                "phase=stages",
+                *no_budget,
+                "iterations=0",
+                "hydra.sweep.subdir=stages/${hydra.job.num}",
+            ]
+            for seed in seeds
+        ]
+        self.validate_batch_is_legal(batch)
+        log.info("stages: %d jobs (one per seed)", len(batch))
+        for result in self.launcher.launch(batch, initial_job_idx=0):
+            _ = result.return_value  # a seed whose stages cannot be built stops the sweep here
+        job_index = len(batch)
+
         # tune: every arm's cells x tuning seeds, in one batch so a parallel launcher fills its workers
         cells = {arm: grid_cells(self.grids[arm]) for arm in self.arms}
         tune_jobs = [
@@ -172,7 +195,8 @@ class TunedSweeper(Sweeper):
             len(cells[self.arms[0]]),
             len(self.tuning_seeds),
         )
-        tune_results = self.launcher.launch(batch, initial_job_idx=0)
+        tune_results = self.launcher.launch(batch, initial_job_idx=job_index)
+        job_index += len(batch)
         scores = {arm: [[] for _ in cells[arm]] for arm in self.arms}
         folders = {arm: [[] for _ in cells[arm]] for arm in self.arms}
         for (arm, c, _seed), result in zip(tune_jobs, tune_results):
@@ -219,7 +243,7 @@ class TunedSweeper(Sweeper):
             for arm in self.arms
         ]
         self.validate_batch_is_legal(batch)
-        eval_results = self.launcher.launch(batch, initial_job_idx=len(tune_jobs))
+        eval_results = self.launcher.launch(batch, initial_job_idx=job_index)
         for result in eval_results:
             _ = result.return_value  # re-raises a failed job's error: the sweep exits non-zero
         return [tune_results, eval_results]

@@ -1,0 +1,86 @@
+"""The arms of an algorithm comparison side by side: what each was tuned to and what it spent.
+
+A comparison is only as fair as its budgets. Per algorithm (the evaluation runs of a sweep), `arms_table`
+gives the config its tuning picked (from the sweep's `tuning.json`, written by `hydra/sweeper=tuned`),
+the seeds, the gold and proxy gains and the final KL (mean and 95% interval over seeds, t or bootstrap
+as analysis.inference picks and names), and the compute: optimizer steps, tokens trained (forward +
+backward), tokens generated and wall-clock, so an arm that got four times the gradient steps is visible
+next to its result. `tuning_table` shows every arm's grid: each cell's score per tuning seed, the pick.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.inference import interval
+from analysis.stats import gain
+
+TUNING_FILE = "tuning.json"
+GAINS = (("gold", "eval/gold_mean"), ("proxy", "eval/reward_mean"))
+BUDGET = (
+    ("optimizer steps", "optimizer_steps"),
+    ("tokens trained", "tokens_trained"),
+    ("tokens generated", "tokens"),
+    ("wall-clock (s)", "wall_time_s"),
+)
+
+
+def evaluation_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs a comparison is judged on: not a tuning grid's, nor a tuned sweep's stage builds."""
+    if "phase" not in runs.columns:
+        return runs
+    return runs[runs["phase"].fillna("evaluate") == "evaluate"]
+
+
+def read_tuning(runs: pd.DataFrame) -> dict:
+    """The `tuning.json` of each sweep the runs came from (a job's folder is `<sweep>/<num>`), merged."""
+    arms = {}
+    for folder in sorted({str(Path(p).parent) for p in runs["path"]}):
+        file = Path(folder) / TUNING_FILE
+        if file.exists():
+            record = json.loads(file.read_text())
+            arms.update(
+                {
+                    arm: {**tuned, "tuning_seeds": record["tuning_seeds"]}
+                    for arm, tuned in record["arms"].items()
+                }
+            )
+    return arms
+
+
+def arms_table(runs: pd.DataFrame, history: pd.DataFrame, tuning: dict) -> tuple[list[str], list[list]]:
+    """Headers and one row per algorithm of the ok evaluation runs."""
+    ok = evaluation_runs(runs[runs["status"] == "ok"])
+    histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
+    headers = ["arm", "config", "seeds", *(f"{name} gain" for name, _ in GAINS), "final KL"]
+    headers += [name for name, _ in BUDGET]
+    rows = []
+    for algorithm, arm in ok.groupby("algorithm", sort=True):
+        here = [histories[str(r)] for r in arm["run"] if str(r) in histories]
+        picked = tuning.get(algorithm, {}).get("picked")
+        row = [algorithm, " ".join(picked) if picked else "as configured", arm["seed"].nunique()]
+        row += [interval(gain(h, metric) for h in here) for _, metric in GAINS]
+        row.append(interval(arm["final/eval/kl_mean"]) if "final/eval/kl_mean" in arm else "n/a")
+        row += [f"{arm[column].mean():.4g}" if column in arm else "n/a" for _, column in BUDGET]
+        rows.append(row)
+    return headers, rows
+
+
+def tuning_table(tuning: dict) -> tuple[list[str], list[list]]:
+    """Headers and one row per grid cell: its overrides, score per tuning seed, mean, and the pick."""
+    headers = ["arm", "cell", "score per tuning seed", "mean score", "picked"]
+    rows = [
+        [
+            arm,
+            " ".join(cell["overrides"]),
+            ", ".join(f"{s:.3g}" for s in cell["scores"]),
+            cell["mean"],
+            "yes" if cell["overrides"] == record["picked"] else "",
+        ]
+        for arm, record in tuning.items()
+        for cell in record["cells"]
+    ]
+    return headers, rows
