@@ -18,7 +18,9 @@ Status: `failed` when the job left a `failure.json` (W&B: state failed or crashe
 summary holds the end-of-run values (`wall_time_s`; or a stages-only run, `iterations=0`);
 `incomplete` otherwise: still running, killed, or failed before failure records existed.
 
-Benchmark results (`memory*.json`) found under the same paths are read by `load_benchmarks`.
+Benchmark results (`memory*.json`) found under the same paths are read by `load_benchmarks`; a job's
+best-of-n reference curve (`best_of_n.json`, local records only) goes into `Records.best_of_n`, one
+row per (run, n), by `best_of_n_frame`.
 Nothing here imports torch or any project module: analysis reads files only.
 """
 
@@ -52,6 +54,7 @@ BOOKKEEPING = (
     "rollout.eval_samples",
 )
 META_COLUMNS = ("run", "path", "source", "status", "error", "algorithm", "seed", "group", "name")
+BEST_OF_N_COLUMNS = ("run", "artifact", "n", "kl", "sqrt_kl", "gold_mean", "reward_mean")
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RunRecord:
     history: Sequence[Mapping[str, Any]] = ()
     # why the job failed (the last line of its traceback), None when no failure was recorded
     failure: str | None = None
+    # the job's best-of-n reference curve (`best_of_n.json`): the file's content, empty when absent
+    best_of_n: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class Records:
     history: pd.DataFrame
     source: str
     benchmarks: list[dict] = field(default_factory=list)
+    # best-of-n reference curves, one row per (run, n): `best_of_n_frame`
+    best_of_n: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(BEST_OF_N_COLUMNS)))
 
 
 # --------------------------------------------------------------------------- conversion
@@ -160,6 +167,18 @@ def frames_from_records(records: Iterable[RunRecord]) -> tuple[pd.DataFrame, pd.
     if not history.empty:
         history = history.sort_values(["run", "iteration"], kind="stable").reset_index(drop=True)
     return runs, history
+
+
+def best_of_n_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """The best-of-n curves of some run records, one row per (run, n): `BEST_OF_N_COLUMNS`. `artifact`
+    names the cached curve (runs that share an SFT and reward model share it)."""
+    rows = [
+        {"run": record.run, "artifact": record.best_of_n.get("artifact", record.run), **row}
+        for record in records
+        for row in record.best_of_n.get("rows", [])
+    ]
+    frame = pd.DataFrame(rows, columns=list(BEST_OF_N_COLUMNS))
+    return frame.astype({c: float for c in BEST_OF_N_COLUMNS[3:]})
 
 
 def knob_columns(runs: pd.DataFrame) -> list[str]:
@@ -330,6 +349,7 @@ def read_job(job: Path) -> RunRecord:
         summary=_read_json(job / "summary.json"),
         history=_read_history(job / "history.jsonl"),
         failure=_failure_reason(job),
+        best_of_n=_read_json(job / "best_of_n.json"),
     )
 
 
@@ -346,9 +366,15 @@ def load_benchmarks(paths: Iterable[str | Path]) -> list[dict]:
 
 def load_local(paths: Sequence[str | Path]) -> Records:
     """Read every job folder at or under `paths`; FileNotFoundError for a path that does not exist."""
-    jobs = job_folders(paths)
-    runs, history = frames_from_records(read_job(job) for job in jobs)
-    return Records(runs, history, source=", ".join(map(str, paths)), benchmarks=load_benchmarks(paths))
+    records = [read_job(job) for job in job_folders(paths)]
+    runs, history = frames_from_records(records)
+    return Records(
+        runs,
+        history,
+        source=", ".join(map(str, paths)),
+        benchmarks=load_benchmarks(paths),
+        best_of_n=best_of_n_frame(records),
+    )
 
 
 # --------------------------------------------------------------------------- W&B

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.arms import arms_table, evaluation_runs, read_tuning, tuning_table
+from analysis.frontier import frontier_figure, gold_at_kl_table
 from analysis.plots import make_figures
 from analysis.records import Records, load_local, load_wandb, series
 from analysis.stats import CI, final_value, gain, mean_ci
@@ -105,6 +106,14 @@ def build_report(records: Records, out: Path) -> str:
             "## Tuning\n\nScore: the mean gold gain over the sample budget (area under the gold curve), "
             "per tuning seed.\n\n" + markdown_table(*tuning_table(tuning))
         )
+    has_gold = "eval/gold_mean" in ok_history.columns and ok_history["eval/gold_mean"].notna().any()
+    if has_gold:
+        sections.append(
+            "## Gold at KL budgets\n\nGold where each run's path first reaches the KL from the SFT policy "
+            "(interpolated in sqrt(KL), never extrapolated; runs that never reach it are counted, not "
+            "averaged); best-of-n from the same SFT policy and reward model is the reference (Gao et al. "
+            "2022).\n\n" + markdown_table(*gold_at_kl_table(ok, ok_history, records.best_of_n))
+        )
     sections.append(
         "## Runs by series\n\nFinal = mean over each run's last 10% of iterations; ± = 95% t interval "
         "over seeds.\n\n" + series_table(ok, ok_history)
@@ -120,6 +129,10 @@ def build_report(records: Records, out: Path) -> str:
         "need at the observed effect and spread.\n\n" + verdict_table(verdicts)
     )
     figures = make_figures(ok, ok_history, out) if len(ok_history) else {}
+    if has_gold:
+        figures["Gold vs sqrt(KL): the frontier, best-of-n as reference"] = frontier_figure(
+            ok, ok_history, records.best_of_n, out
+        )
     header = [
         "# Sweep report",
         f"Source: {records.source}",

@@ -373,6 +373,24 @@ class RRHFConfig(AlgorithmConfig):
 
 
 @dataclass
+class FrontierConfig:
+    """Best-of-n from the SFT policy, the reference curve of the gold-vs-KL frontier (backbone/best_of_n.py).
+
+    Computed once per SFT/reward-model artifact pair (cached) and copied into the run folder as
+    ``best_of_n.json``, when the task has a gold reward and the run has RL iterations (or is a tuned
+    sweep's stage job)."""
+
+    # samples per eval prompt, N; the curve is n = 1, 2, 4, ..., N; 0 disables
+    best_of_n: int = 256
+    # the seed of its sampling (its own stream: the run's RNG is untouched)
+    seed: int = 0
+    # responses generated per generate call: bounds the memory (a KV cache of this many sequences)
+    chunk_size: int = 512
+    # the first this many eval prompts; null: all of them
+    prompts: int | None = None
+
+
+@dataclass
 class PathsConfig:
     # SFT and reward-model artifacts, keyed by the hash of the config that made them
     artifacts: str = "artifacts"
@@ -396,6 +414,7 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ptx: PTXConfig = field(default_factory=PTXConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
     seed: int = 0
     # pipeline: `seed` also seeds every stage before RL (the task's data draw, SFT init and order,
     # reward-model init and order; their own seed keys are overwritten), so seeds vary the whole

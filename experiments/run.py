@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from algorithms.base import Algorithm
 from backbone import distributed
+from backbone.best_of_n import write_best_of_n
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, resolve_device
@@ -147,7 +148,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 "artifacts": {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name},
             }
         )
-        if planned_iterations(cfg) == 0:
+        # the frontier's reference curve: best_of_n.json in the run folder, cached per SFT and reward
+        # model, its own RNG stream; a reference, not a history row. A tuned sweep's stage jobs build it
+        # before the RL jobs that share it
+        rl = planned_iterations(cfg) > 0
+        if task.has_gold and cfg.frontier.best_of_n > 0 and (rl or cfg.phase == "stages"):
+            write_best_of_n(cfg, task, stages, device, run_dir)
+        if not rl:
             return {}
         # the RL stream (and any freshly initialised head or adapter) does not depend on whether
         # the stages were built in this process or read from the cache

@@ -28,6 +28,8 @@ SMALL = [
     "rollout.max_new_tokens=12",
     "algorithm.minibatch_size=8",
     "logger.mode=disabled",
+    "frontier.best_of_n=16",
+    "frontier.prompts=4",
 ]
 STAGE_SEEDS = ("task.seed", "sft.seed", "reward_model.seed")
 
@@ -120,8 +122,8 @@ def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
             "-m",
             "hydra/sweeper=tuned",
             "hydra.sweeper.arms=[ppo_gae,rrhf]",
-            "hydra.sweeper.grids.ppo_gae={lr:[1e-4,1e-3]}",
-            "hydra.sweeper.grids.rrhf={lr:[3e-5,3e-4]}",
+            "hydra.sweeper.grids.ppo_gae={lr:[1e-4,1e-3],cliprange:[0.2]}",
+            "hydra.sweeper.grids.rrhf={lr:[3e-5,3e-4],rank_weight:[0.1]}",
             "hydra.sweeper.tuning_seeds=[100]",
             "hydra.sweeper.eval_seeds=[0]",
             *SMALL,
@@ -190,9 +192,14 @@ def test_report_shows_each_arm_with_its_pick_and_budget_and_leaves_tuning_runs_o
             if (job / "summary.json").exists() and read_summary(job)["algorithm"] == arm
         )
         assert float(cells[6]) == summary["optimizer_steps"] and float(cells[7]) == summary["tokens_trained"]
-    grid = text[text.index("## Tuning") : text.index("## Runs by series")]
+    grid = text[text.index("## Tuning") : text.index("## Gold at KL")]
     assert sum(line.startswith(("| ppo_gae |", "| rrhf |")) for line in grid.splitlines()) == 4
     # the series table holds the evaluation runs only: one run per arm, no tuning or stage job
     series = text[text.index("## Runs by series") :].split("## Verdicts")[0]
     rows = [line.split("|") for line in series.splitlines() if line.startswith(("| ppo_gae", "| rrhf"))]
     assert [(row[1].strip(), row[2].strip()) for row in rows] == [("ppo_gae", "1"), ("rrhf", "1")]
+    # the frontier: each arm's gold at KL budgets beside best-of-n from the same SFT policy and reward model
+    frontier = text[text.index("## Gold at KL") : text.index("## Runs by series")]
+    rows = [line.split("|")[1].strip() for line in frontier.splitlines() if line.startswith("| ")]
+    assert rows == ["series", "---", "ppo_gae", "rrhf", "best-of-n (SFT policy)"]
+    assert (tmp_path / "report" / "frontier.png").exists()

@@ -20,6 +20,8 @@ SMALL = [
     "algorithm.minibatch_size=8",
     "rollout.eval_every=2",
     "logger.table_every=2",
+    "frontier.best_of_n=16",
+    "frontier.prompts=4",
 ]
 
 RL_KEYS = {
