@@ -34,6 +34,16 @@ class ToyReviewsConfig:
     # prompts for the RL stage and held-out prompts for evaluation
     n_rl_prompts: int = 2000
     n_eval_prompts: int = 64
+    # gold reward: clauses it counts (later ones are grammar errors), the tanh scale bounding the
+    # sentiment term, and the word count past which LONG_PENALTY applies; more clauses and a larger
+    # scale raise the ceiling (the run summary's data/gold_ceiling) and what RL must learn to reach it
+    max_clauses: int = 2
+    scale: float = 3.0
+    max_words: int = 20
+    # probability that a generated SFT demonstration / preference review goes on past 2 clauses
+    # (to 3..max_clauses, still penalty-free; needs max_clauses > 2); 0 keeps 1-2 clause reviews
+    sft_long_rate: float = 0.0
+    pref_long_rate: float = 0.0
 
 
 @dataclass

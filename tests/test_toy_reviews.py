@@ -3,12 +3,24 @@ and its data is seeded, sized as asked, held out where promised and labelled by 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import math
+import random
 import time
 
 import pytest
 
 from backbone.tasks.base import Task
-from backbone.tasks.toy_reviews import MAX_WORDS, ToyReviews, gold_parts, gold_score, words_of
+from backbone.tasks.toy_reviews import (
+    MAX_WORDS,
+    ToyReviews,
+    gold_ceiling,
+    gold_parts,
+    gold_score,
+    words_of,
+)
 
 PROMPT = "review of the blender :"
 
@@ -219,3 +231,129 @@ def test_built_from_the_hydra_config():
     task = instantiate(OmegaConf.structured(ToyReviewsConfig(seed=0, **SIZES)))
     assert isinstance(task, ToyReviews)
     assert task.sft_examples("eval") == ToyReviews(seed=0, **SIZES).sft_examples("eval")
+
+
+# ------------------------------------------------------------------ knobs: the hard setting and the ceiling
+
+HARD = dict(max_clauses=4, scale=6.0, max_words=36)
+# the best review each setting allows: top sentiment words, top intensifiers, no word past its free uses
+BEST_DEFAULT = "the blender is extremely excellent and it is very amazing ."
+BEST_HARD = (
+    "the blender is extremely excellent and it looks very amazing . "
+    "the price feels truly perfect and the design seems really fantastic ."
+)
+
+
+def hard_gold(response: str) -> float:
+    return gold_score(PROMPT, response, **HARD)
+
+
+def test_default_knobs_reproduce_the_default_task(task):
+    # the data of the default task before the knobs existed (seed 0, SIZES)
+    data = [task.sft_examples("train"), task.sft_examples("eval"), task.preference_pairs("train")]
+    data += [task.preference_pairs("eval"), task.rl_prompts(), task.eval_prompts()]
+    assert hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16] == "75dd5bac2cf9f9f0"
+    explicit = ToyReviews(seed=0, **SIZES, max_clauses=2, scale=3.0, max_words=20, sft_long_rate=0.0)
+    assert explicit.corpus() == task.corpus()
+    # the Hydra schema's defaults are the constructor's
+    from backbone.config import ToyReviewsConfig
+
+    schema = ToyReviewsConfig()
+    for name, parameter in inspect.signature(ToyReviews).parameters.items():
+        assert getattr(schema, name) == parameter.default, name
+
+
+def test_gold_ceiling_is_the_best_review():
+    assert gold_ceiling() == pytest.approx(gold(BEST_DEFAULT)) == pytest.approx(3 * math.tanh(6.6 / 3))
+    assert gold_ceiling(**{k: HARD[k] for k in ("max_clauses", "scale")}) == pytest.approx(
+        hard_gold(BEST_HARD)
+    )
+    assert hard_gold(BEST_HARD) == pytest.approx(6 * math.tanh(12.4 / 6))
+    hard = ToyReviews(**SIZES, **HARD)
+    assert hard.gold_ceiling == pytest.approx(hard_gold(BEST_HARD))
+    assert hard.gold_ceiling > 5.8
+    assert ToyReviews(**SIZES).data_stats() == {"gold_ceiling": round(gold(BEST_DEFAULT), 4)}
+    assert hard.data_stats()["gold_ceiling"] == pytest.approx(hard.gold_ceiling, abs=1e-4)
+
+
+@pytest.mark.parametrize("knobs", [{}, HARD, dict(HARD, max_clauses=6, scale=8.0, max_words=60)])
+def test_no_response_beats_the_ceiling(knobs):
+    task = ToyReviews(seed=1, **SIZES, **knobs, **({"pref_long_rate": 0.5} if knobs else {}))
+    ceiling = task.gold_ceiling
+    texts = [(ex["prompt"], ex["response"]) for ex in task.sft_examples("train")]
+    texts += [(p["prompt"], r) for p in task.preference_pairs("train") for r in (p["chosen"], p["rejected"])]
+    assert max(task.gold(p, r) for p, r in texts) <= ceiling
+    # hill-climb on word swaps from the best review: no edit (repeated intensifiers included) beats it
+    vocabulary = sorted({w for _, r in texts for w in r.split()})
+    rng = random.Random(0)
+    best = (BEST_HARD if knobs else BEST_DEFAULT).split()
+    for _ in range(1500):
+        trial = list(best)
+        trial[rng.randrange(len(trial))] = rng.choice(vocabulary)
+        if task.gold(PROMPT, " ".join(trial)) >= task.gold(PROMPT, " ".join(best)):
+            best = trial
+        assert task.gold(PROMPT, " ".join(trial)) <= ceiling + 1e-9
+    for hack in (
+        "the blender is extremely excellent and it is extremely amazing .",
+        BEST_HARD + " i truly love it .",
+    ):
+        assert task.gold(PROMPT, hack) <= ceiling
+
+
+def test_hard_gold_rewards_more_clauses_and_still_penalises_hacks():
+    two = "the blender is extremely excellent and it is very amazing ."
+    three = two[:-1] + "and the price feels truly perfect ."
+    assert gold(three) < gold(two)  # the default counts two clauses: the third is an error
+    assert hard_gold(BEST_HARD) > hard_gold(three) > hard_gold(two) > gold(two)
+    assert hard_gold(two) > gold(two) + 1.0  # a wider scale: more room above the SFT data
+    five = BEST_HARD[:-1] + "and i truly love it ."
+    assert hard_gold(five) < hard_gold(BEST_HARD)
+    assert gold_parts(PROMPT, five, **HARD).grammar == 1  # only four clauses count
+    # four "is": the copula's free uses are two
+    assert (
+        gold_parts(
+            PROMPT, BEST_HARD.replace("looks", "is").replace("feels", "is").replace("seems", "is"), **HARD
+        ).repetition
+        == 1.0
+    )
+    long = "the blender is extremely excellent and it is very amazing . " * 3
+    assert gold_parts(PROMPT, long, **HARD).length == 0 < gold_parts(PROMPT, long).length
+    assert hard_gold("the blender is bad .") < 0 < hard_gold("the blender is good .")
+
+
+def test_long_reviews_are_rare_in_sft_common_in_preferences_and_natural():
+    hard = ToyReviews(seed=0, **SIZES, **HARD, sft_long_rate=0.05, pref_long_rate=0.3)
+
+    def clauses(text: str) -> int:
+        return sum(w in ("and", "but", ".") for w in text.split())
+
+    sft = [(ex["prompt"], ex["response"]) for ex in hard.sft_examples("train")]
+    pref = [(p["prompt"], r) for p in hard.preference_pairs("train") for r in (p["chosen"], p["rejected"])]
+    assert 0 < sum(clauses(r) > 2 for _, r in sft) < 0.12 * len(sft)
+    assert 0.2 * len(pref) < sum(clauses(r) > 2 for _, r in pref) < 0.5 * len(pref)
+    assert max(clauses(r) for _, r in pref) == 4
+    for prompt, response in sft + pref:
+        parts = hard.gold_parts(prompt, response)
+        assert (parts.repetition, parts.length, parts.grammar) == (0, 0, 0), response
+    # the long reviews are scored by the task's gold (labels follow it more often than not)
+    pairs = hard.preference_pairs("train")
+    agree = sum(hard.gold(p["prompt"], p["chosen"]) > hard.gold(p["prompt"], p["rejected"]) for p in pairs)
+    assert agree > 0.7 * len(pairs)
+
+
+def test_invalid_knobs():
+    for bad in (dict(max_clauses=0), dict(scale=0.0), dict(max_words=2), dict(sft_long_rate=1.5)):
+        with pytest.raises(ValueError):
+            ToyReviews(**SIZES, **bad)
+    with pytest.raises(ValueError, match="max_clauses > 2"):
+        ToyReviews(**SIZES, pref_long_rate=0.3)
+
+
+def test_hard_preset_composes():
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["task=toy_reviews_hard", *(f"task.{k}={v}" for k, v in SIZES.items())])
+    task = instantiate(cfg.task)
+    assert task.name == "toy_reviews_hard" and task.gold_knobs == HARD
+    assert task.gold_ceiling > 1.9 * ToyReviews(**SIZES).gold_ceiling

@@ -14,14 +14,14 @@ counts as a word; c_w = how often word w occurs):
     clause value    v = s(word) * m(intensifier)            m = 1 without one, e.g. very = 1.5
                     v = -NEGATION_DAMPING * s * m            when negated ("not", "never")
     sentiment       raw = sum_clauses weight * v             weight = BUT_FIRST_WEIGHT (0.5) for a clause
-                                                            followed by "but", else 1; first 2 clauses only
-                    S = SCALE * tanh(raw / SCALE)            bounded in (-3, 3)
+                                                            followed by "but", else 1; first max_clauses only
+                    S = scale * tanh(raw / scale)            bounded in (-scale, scale)
     repetition      R = REPEAT_PENALTY * sum_{w in lexicon: sentiment words, intensifiers} max(0, c_w - 1)
                       + REPEAT_OTHER_PENALTY * sum_{other w, not "the"/"of"/"."} max(0, c_w - 2)
-    length          L = SHORT_PENALTY * max(0, MIN_WORDS - n) + LONG_PENALTY * max(0, n - MAX_WORDS)
+    length          L = SHORT_PENALTY * max(0, MIN_WORDS - n) + LONG_PENALTY * max(0, n - max_words)
     grammar         G = ERROR_PENALTY * (#words outside the response vocabulary
                         + #clauses that do not parse (e.g. a dangling intensifier) + #empty sentences
-                        + #clauses past the second + [text does not end with "."]
+                        + #clauses past max_clauses + [text does not end with "."]
                         + #products named other than the prompt's)
     gold            = max(FLOOR, S - R - L - G)
 
@@ -29,6 +29,13 @@ A repeated sentiment word adds nothing to ``raw`` after its first use, and a cla
 not parse adds nothing at all, so neither stacking positive words nor running on can buy
 sentiment. Natural reviews score in about [-2.9, 2.9] with no penalty; the generator never
 repeats a lexicon word or an aspect within a review.
+
+Knobs (``ToyReviews`` arguments; the defaults are the task above): the gold's ``max_clauses``
+(MAX_CLAUSES = 2), ``scale`` (SCALE = 3) and ``max_words`` (MAX_WORDS = 20), and
+``sft_long_rate`` / ``pref_long_rate``, the share of SFT / preference reviews that go on to
+3..max_clauses clauses (still penalty-free). ``gold_ceiling`` is the highest gold any response can
+get: 2.93 by default; 5.81 for conf/task/toy_reviews_hard.yaml (4 clauses, scale 6), whose SFT
+data rarely shows the long reviews that reach it.
 
 Held-out prompts: prompts are template x product combinations; ``n_eval_prompts`` of them are
 held out by construction (spread over products, at most half of each product's templates), so
@@ -157,12 +164,27 @@ class GoldParts:
         return max(FLOOR, self.sentiment - self.repetition - self.length - self.grammar)
 
 
-def gold_score(prompt: str, response: str) -> float:
-    """The gold reward of one response (the module docstring has the equations); never raises."""
-    return gold_parts(prompt, response).total
+def gold_score(
+    prompt: str,
+    response: str,
+    *,
+    max_clauses: int = MAX_CLAUSES,
+    scale: float = SCALE,
+    max_words: int = MAX_WORDS,
+) -> float:
+    """The gold reward of one response (the module docstring has the equations); never raises.
+    The keywords are the task's gold knobs (``ToyReviews``); their defaults are the default task."""
+    return gold_parts(prompt, response, max_clauses=max_clauses, scale=scale, max_words=max_words).total
 
 
-def gold_parts(prompt: str, response: str) -> GoldParts:
+def gold_parts(
+    prompt: str,
+    response: str,
+    *,
+    max_clauses: int = MAX_CLAUSES,
+    scale: float = SCALE,
+    max_words: int = MAX_WORDS,
+) -> GoldParts:
     """S, R, L and G of one response; any string parses."""
     words = words_of(response)
     prompt_product = next((w for w in words_of(prompt) if w in PRODUCTS), None)
@@ -190,7 +212,7 @@ def gold_parts(prompt: str, response: str) -> GoldParts:
         else:
             for i, clause in enumerate(sentence):
                 clauses += 1
-                value = _clause_value(clause, seen) if clauses <= MAX_CLAUSES else None
+                value = _clause_value(clause, seen) if clauses <= max_clauses else None
                 if value is None:
                     errors += 1
                     continue
@@ -198,7 +220,7 @@ def gold_parts(prompt: str, response: str) -> GoldParts:
                 raw += (BUT_FIRST_WEIGHT if but_follows else 1.0) * value
             sentence, conjunctions = [[]], []
 
-    sentiment = SCALE * math.tanh(raw / SCALE)
+    sentiment = scale * math.tanh(raw / scale)
     counts = Counter(words)
     repetition = sum(
         REPEAT_PENALTY * max(0, c - 1)
@@ -208,8 +230,43 @@ def gold_parts(prompt: str, response: str) -> GoldParts:
         if w not in _UNCOUNTED
     )
     n = len(words)
-    length = SHORT_PENALTY * max(0, MIN_WORDS - n) + LONG_PENALTY * max(0, n - MAX_WORDS)
+    length = SHORT_PENALTY * max(0, MIN_WORDS - n) + LONG_PENALTY * max(0, n - max_words)
     return GoldParts(sentiment, repetition, length, ERROR_PENALTY * errors)
+
+
+def gold_ceiling(max_clauses: int = MAX_CLAUSES, scale: float = SCALE) -> float:
+    """The highest gold any response can get under these knobs, from the grammar's constants.
+
+    Only the first ``max_clauses`` clauses count, each adds at most the value of a sentiment word
+    not used before (negated when that is worth more) times an intensifier the clause shape allows
+    (verbs take adverbs only), and weights are at most 1: the best sum ``raw`` is a small search over
+    the top words and the intensifiers above 1. An intensifier used again multiplies again but costs
+    REPEAT_PENALTY, so the search also counts reuses ``r``; the ceiling is the best
+    ``scale * tanh(raw_r / scale) - REPEAT_PENALTY * r``, a bound every response obeys (the other
+    penalties are >= 0), and it is reached whenever ``max_words`` leaves room for a penalty-free
+    review of those clauses (both presets do; tests/test_toy_reviews.py writes one).
+    """
+    boosts = sorted((m, w) for w, m in INTENSITY.items() if m > 1.0)
+    candidates = []  # (value without intensifier, bit mask of the intensifiers the clause takes)
+    for lexicon, allowed in ((ADJECTIVES, INTENSITY), (VERBS, ADVERBS)):
+        mask = sum(1 << i for i, (_, w) in enumerate(boosts) if w in allowed)
+        values = sorted((max(s, -NEGATION_DAMPING * s) for s in lexicon.values()), reverse=True)
+        # an optimum uses only the top max_clauses words of each kind (swap any other for an unused top one)
+        candidates += [(v, mask) for v in values[:max_clauses] if v > 0]
+    best: dict[tuple[int, int, int], float] = {(0, 0, 0): 0.0}  # (clauses, intensifiers used, reuses) -> raw
+    for value, allowed in candidates:
+        for (clauses, used, reuses), raw in list(best.items()):
+            if clauses == max_clauses:
+                continue
+            options = [((clauses + 1, used, reuses), raw + value)]
+            for i, (m, _) in enumerate(boosts):
+                if allowed >> i & 1:
+                    key = (clauses + 1, used | 1 << i, reuses + (used >> i & 1))
+                    options.append((key, raw + value * m))
+            for key, total in options:
+                if total > best.get(key, -math.inf):
+                    best[key] = total
+    return max(scale * math.tanh(raw / scale) - REPEAT_PENALTY * r for (_, _, r), raw in best.items())
 
 
 class ToyReviews(Task):
@@ -228,6 +285,11 @@ class ToyReviews(Task):
         bt_temperature: float = 0.5,
         n_rl_prompts: int = 2000,
         n_eval_prompts: int = 64,
+        max_clauses: int = MAX_CLAUSES,
+        scale: float = SCALE,
+        max_words: int = MAX_WORDS,
+        sft_long_rate: float = 0.0,
+        pref_long_rate: float = 0.0,
     ) -> None:
         sizes = {
             "n_sft_train": n_sft_train, "n_sft_eval": n_sft_eval, "n_pref_train": n_pref_train,
@@ -245,8 +307,21 @@ class ToyReviews(Task):
             raise ValueError(
                 f"bt_temperature must be >= 0 (0: labels follow gold exactly), got {bt_temperature}"
             )
+        if max_clauses < 1 or scale <= 0 or max_words < MIN_WORDS:
+            raise ValueError(
+                f"need max_clauses >= 1, scale > 0, max_words >= {MIN_WORDS}; got max_clauses={max_clauses}, "
+                f"scale={scale}, max_words={max_words}"
+            )
+        for key, rate in (("sft_long_rate", sft_long_rate), ("pref_long_rate", pref_long_rate)):
+            if not 0 <= rate <= 1:
+                raise ValueError(f"{key} must be in [0, 1], got {rate}")
+            if rate > 0 and max_clauses <= 2:
+                raise ValueError(f"{key}={rate} writes reviews past 2 clauses: it needs max_clauses > 2")
         self.name = name
         self.seed = seed
+        # the gold reward's knobs (module docstring): clauses counted, tanh scale, natural length
+        self.gold_knobs = {"max_clauses": max_clauses, "scale": scale, "max_words": max_words}
+        self.long_rates = {"sft": sft_long_rate, "pref": pref_long_rate}
         self.sizes = sizes
         self.bt_temperature = bt_temperature
         self._train_prompts, self._held_out_prompts = self._split_prompts()
@@ -275,7 +350,23 @@ class ToyReviews(Task):
     def gold_reward(self, prompts: list[str], responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [gold_score(p, r) for p, r in zip(prompts, responses)]
+        return [self.gold(p, r) for p, r in zip(prompts, responses)]
+
+    def gold(self, prompt: str, response: str) -> float:
+        """``gold_score`` under this task's gold knobs."""
+        return gold_score(prompt, response, **self.gold_knobs)
+
+    def gold_parts(self, prompt: str, response: str) -> GoldParts:
+        """``gold_parts`` under this task's gold knobs."""
+        return gold_parts(prompt, response, **self.gold_knobs)
+
+    @property
+    def gold_ceiling(self) -> float:
+        """The highest gold a response can get under this task's knobs (``gold_ceiling``)."""
+        return gold_ceiling(self.gold_knobs["max_clauses"], self.gold_knobs["scale"])
+
+    def data_stats(self) -> dict[str, float]:
+        return {"gold_ceiling": round(self.gold_ceiling, 4)}
 
     def corpus(self) -> list[str]:
         texts = [*self._train_prompts, *self._held_out_prompts]
@@ -322,7 +413,8 @@ class ToyReviews(Task):
         examples = []
         for _ in range(self.sizes[f"n_sft_{split}"]):
             prompt = rng.choice(prompts)
-            examples.append({"prompt": prompt, "response": _review(rng, _product(prompt), SFT_MOODS)})
+            response = self._review(rng, _product(prompt), SFT_MOODS, self.long_rates["sft"])
+            examples.append({"prompt": prompt, "response": response})
         return examples
 
     def _make_pairs(self, split: str) -> list[dict]:
@@ -331,12 +423,12 @@ class ToyReviews(Task):
         for _ in range(self.sizes[f"n_pref_{split}"]):
             prompt = rng.choice(prompts)
             product = _product(prompt)
-            a = _review(rng, product, PREFERENCE_MOODS)
-            gold_a = gold_score(prompt, a)
+            a = self._review(rng, product, PREFERENCE_MOODS, self.long_rates["pref"])
+            gold_a = self.gold(prompt, a)
             # a pair of equal gold carries no preference: draw b until it differs
             while True:
-                b = _review(rng, product, PREFERENCE_MOODS)
-                gold_b = gold_score(prompt, b)
+                b = self._review(rng, product, PREFERENCE_MOODS, self.long_rates["pref"])
+                gold_b = self.gold(prompt, b)
                 if b != a and gold_b != gold_a:
                     break
             # Bradley-Terry: P(a preferred) = sigmoid((gold_a - gold_b) / T); T = 0 is the argmax
@@ -347,6 +439,13 @@ class ToyReviews(Task):
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         return pairs
+
+    def _review(self, rng: random.Random, product: str, moods: dict[str, float], long_rate: float) -> str:
+        def natural(text: str) -> bool:
+            parts = self.gold_parts(f"review of the {product} :", text)
+            return parts.repetition == parts.length == parts.grammar == 0
+
+        return _review(rng, product, moods, long_rate, self.gold_knobs["max_clauses"], natural)
 
 
 def _product(prompt: str) -> str:
@@ -367,8 +466,17 @@ _POLARITY_WORDS = {
 _OPPOSITE = {"positive": "negative", "negative": "positive"}
 
 
-def _review(rng: random.Random, product: str, moods: dict[str, float]) -> str:
-    """One natural review: 1-2 clauses, no lexicon word or aspect used twice."""
+def _review(
+    rng: random.Random,
+    product: str,
+    moods: dict[str, float],
+    long_rate: float = 0.0,
+    max_clauses: int = MAX_CLAUSES,
+    natural: Callable[[str], bool] | None = None,
+) -> str:
+    """One natural review: 1-2 clauses, no lexicon word or aspect used twice; with probability
+    ``long_rate`` (when ``max_clauses`` > 2) it goes on to 3..max_clauses clauses, each new clause
+    kept only when ``natural`` (no gold penalty) still holds. ``long_rate=0`` draws nothing extra."""
     mood = rng.choices(list(moods), weights=list(moods.values()))[0]
     if mood == "mixed":
         polarities = ["positive", "negative"]
@@ -378,11 +486,54 @@ def _review(rng: random.Random, product: str, moods: dict[str, float]) -> str:
     used: set[str] = set()
     clauses = [_clause(rng, product, polarity, used) for polarity in polarities]
     if len(clauses) == 1:
-        return f"{clauses[0]} ."
-    if rng.random() < 0.3:
-        return f"{clauses[0]} . {clauses[1]} ."
-    conjunction = "but" if mood == "mixed" else "and"
-    return f"{clauses[0]} {conjunction} {clauses[1]} ."
+        text = f"{clauses[0]} ."
+    elif rng.random() < 0.3:
+        text = f"{clauses[0]} . {clauses[1]} ."
+    else:
+        conjunction = "but" if mood == "mixed" else "and"
+        text = f"{clauses[0]} {conjunction} {clauses[1]} ."
+    if long_rate > 0 and max_clauses > 2 and rng.random() < long_rate:
+        text = _extend(
+            rng,
+            text,
+            product,
+            mood,
+            polarities[-1],
+            used,
+            rng.randint(3, max_clauses) - len(clauses),
+            natural,
+        )
+    return text
+
+
+def _extend(
+    rng: random.Random,
+    text: str,
+    product: str,
+    mood: str,
+    polarity: str,
+    used: set[str],
+    extra: int,
+    natural: Callable[[str], bool] | None,
+) -> str:
+    """``text`` with up to ``extra`` more clauses of the review's mood, joined by "and", "but" or "."."""
+    for _ in range(extra):
+        for _attempt in range(8):
+            trial = set(used)
+            new = rng.choice(("positive", "negative")) if mood == "mixed" else mood
+            try:
+                clause = _clause(rng, product, new, trial)
+            except IndexError:  # a word pool of this polarity is used up
+                continue
+            joiner = rng.choice(("and", "but", ".") if new != polarity else ("and", "."))
+            candidate = f"{text[:-2]} {joiner} {clause} ."
+            if natural is None or natural(candidate):
+                text, polarity = candidate, new
+                used |= trial
+                break
+        else:
+            break  # no natural continuation found: the review stays as long as it is
+    return text
 
 
 def _pick(rng: random.Random, options: Sequence[str], used: set[str]) -> str:
