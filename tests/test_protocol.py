@@ -12,25 +12,14 @@ import pytest
 import torch
 from conftest import compose_config, read_history, read_summary, run_entry
 from omegaconf import OmegaConf
+from test_run import SMALL as RUN_SMALL
 
 from backbone.rng import apply_seed_scope
 from backbone.trainer import evaluation_due, mean_gain_over_budget, sampling_se
 from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells, pick
 
-# the stages train in seconds and still give a usable SFT policy and reward model
-SMALL = [
-    "task.n_sft_train=1500",
-    "task.n_pref_train=1500",
-    "task.n_eval_prompts=16",
-    "sft.epochs=1",
-    "reward_model.epochs=1",
-    "rollout.samples_per_iteration=16",
-    "rollout.max_new_tokens=12",
-    "algorithm.minibatch_size=8",
-    "logger.mode=disabled",
-    "frontier.best_of_n=16",
-    "frontier.prompts=4",
-]
+# the entry point's small config (8 samples per iteration), without W&B
+SMALL = [*RUN_SMALL, "logger.mode=disabled"]
 STAGE_SEEDS = ("task.seed", "sft.seed", "reward_model.seed")
 
 
@@ -129,7 +118,7 @@ def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
             *SMALL,
             "seed_scope=rl",  # one SFT / reward model for every job, from the session's cache
             "iterations=2",
-            "rollout.eval_every_samples=16",
+            "rollout.eval_every_samples=8",
             f"paths.artifacts={artifacts_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
@@ -164,11 +153,11 @@ def test_tuned_sweeper_picks_on_tuning_seeds_and_evaluates_on_others(tuned_sweep
         assert config.phase == "evaluate" and config.seed == 0
         picked = tuning["arms"][config.algorithm.name]["picked"]
         assert f"algorithm.lr={config.algorithm.lr}" in picked
-        # the compute each arm spent: 2 iterations x epochs x minibatches of 8 from 16 samples
+        # the compute each arm spent: 2 iterations x epochs x one minibatch of the 8 samples
         rows = [r for r in read_history(job) if "iteration" in r]
-        assert summary["optimizer_steps"] == 2 * config.algorithm.ppo_epochs * 2
+        assert summary["optimizer_steps"] == 2 * config.algorithm.ppo_epochs
         assert summary["tokens_trained"] > config.algorithm.ppo_epochs * summary["tokens"]
-        assert [r["samples"] for r in rows if "eval/gold_mean" in r] == [0, 16, 32]
+        assert [r["samples"] for r in rows if "eval/gold_mean" in r] == [0, 8, 16]
         first_evals.setdefault(config.seed, []).append(rows[0]["eval/reward_mean"])
     # common random numbers: the same SFT policy reads the same at iteration 0 in every arm of a seed
     for readings in first_evals.values():
