@@ -388,6 +388,7 @@ class Trainer:
         with a non-finite loss or gradient are skipped and counted (``train/nonfinite_steps``)."""
         sums: dict[str, float | torch.Tensor] = defaultdict(float)  # tensors stay on the device until the end
         steps = skipped = 0
+        trained = 0  # this rank's tokens through forward and backward; a device tensor until the end
         for minibatch in self.minibatches(batch):
             loss, stats = self.algorithm.loss(self.stack, minibatch)
             total = loss
@@ -403,15 +404,15 @@ class Trainer:
                 continue
             steps += 1
             self.optimizer_steps += 1
-            self.tokens_trained += int(
-                distributed.sum_over_ranks(int(minibatch.rollouts.attention_mask.sum()))
-            )
+            trained = trained + minibatch.rollouts.attention_mask.sum()
             sums["train/grad_norm"] += grad_norm
             sums["train/loss"] += loss.detach()
             if ptx_loss is not None:
                 sums["train/ptx_loss"] += ptx_loss.detach()
             for key, value in stats.items():
                 sums[f"train/{key}"] += value
+        # one read and one all-reduce per update, not per step (ranks take the same steps)
+        self.tokens_trained += int(distributed.sum_over_ranks(int(trained)))
         row = {key: float(value) / steps for key, value in sums.items()}
         row["train/nonfinite_steps"] = skipped
         row.update({f"train/lr/{name}": lr for name, lr in self.engine.learning_rates().items()})
