@@ -32,6 +32,7 @@ class Rollouts:
     rewards: Tensor  # [B] score after normalisation, clipping and the missing-EOS penalty
     kl_coef: float = 0.0  # the KL controller's beta when these were collected
     values: Tensor | None = None  # [B, T] critic values, when the algorithm needs a critic
+    kl_exact: Tensor | None = None  # [B, T] KL(pi || pi_ref) summed over the vocabulary, 0 on pads
     gold: Tensor | None = None  # [B] the task's gold reward, when it has one
     # [B] True for the policy's samples, False for responses taken from the data (RRHF's chosen
     # candidates); None: all sampled. Only sampled rows count as generated or enter rollout metrics.

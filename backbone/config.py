@@ -184,6 +184,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # where the sampling policy's log-probs come from: generate (the logits generation computed
+    # anyway, equal to a forward pass up to float rounding) or forward (a separate pass, the
+    # loss's own computation, so the first PPO ratio is exactly 1)
+    logprobs: str = "generate"
     # evaluation on held-out prompts: every N iterations (and at iteration 0 and the last)
     eval_every: int = 5
     # evaluation every N samples consumed instead (a multiple of samples_per_iteration), so arms

@@ -44,6 +44,15 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
     return ESTIMATORS[estimator](logprobs - ref_logprobs)
 
 
+def exact_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """KL(pi || pi_ref) at each position, summed over the vocabulary instead of estimated from the
+    sampled token: sum_v pi(v) (log pi(v) - log pi_ref(v)). Full log-prob tables [B, T, V] -> [B, T].
+
+    It is never negative, whatever the sampled tokens, so it shows what a k1 estimate that goes
+    negative under constrained sampling hides."""
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+
+
 class KLController(ABC):
     """Holds beta (``value``); ``update`` is called with the measured KL after each update phase."""
 

@@ -185,10 +185,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, entropy: bool = True) -> tupl
         return chosen, -(logp.exp() * logp).sum(-1)  # [B, T]
 
 
-def response_logprobs(
-    model: PreTrainedModel, rollouts: Rollouts, entropy: bool = True
-) -> tuple[Tensor, Tensor | None]:
-    """Log-probs and entropies of the response tokens, [B, T]: logits at P-1+t predict token P+t.
+def response_logits(model: PreTrainedModel, rollouts: Rollouts) -> Tensor:
+    """The logits that predict the response tokens, [B, T, V]: logits at P-1+t predict token P+t.
 
     Only the last T+1 positions go through the LM head (``logits_to_keep``): the prompt's logits
     would be [B, P, V] of compute and memory that nothing reads. The slice below is from the right,
@@ -196,13 +194,19 @@ def response_logprobs(
     """
     response_len = rollouts.response_ids.shape[1]
     mask = rollouts.attention_mask
-    logits = model(
+    return model(
         input_ids=rollouts.input_ids,
         attention_mask=mask,
         position_ids=position_ids(mask),
         logits_to_keep=response_len + 1,
     ).logits[:, -(response_len + 1) : -1]  # [B, T, V]
-    logprobs, ent = token_logprobs(logits, rollouts.response_ids, entropy)
+
+
+def response_logprobs(
+    model: PreTrainedModel, rollouts: Rollouts, entropy: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs and entropies of the response tokens, [B, T], 0 on pads."""
+    logprobs, ent = token_logprobs(response_logits(model, rollouts), rollouts.response_ids, entropy)
     response_mask = rollouts.response_mask
     return logprobs * response_mask, ent * response_mask if ent is not None else None
 
@@ -419,6 +423,15 @@ class PolicyStack(nn.Module):
     @torch.no_grad()
     def reference_logprobs(self, rollouts: Rollouts) -> Tensor:
         return response_logprobs(self.reference, rollouts, entropy=False)[0]
+
+    @torch.no_grad()
+    def actor_logits(self, rollouts: Rollouts) -> Tensor:
+        """The sampling policy's logits at the response positions, [B, T, V]: a separate forward."""
+        return response_logits(self.actor, rollouts)
+
+    @torch.no_grad()
+    def reference_logits(self, rollouts: Rollouts) -> Tensor:
+        return response_logits(self.reference, rollouts)  # [B, T, V]
 
     @torch.no_grad()
     def score(self, rollouts: Rollouts) -> Tensor:

@@ -1,13 +1,18 @@
 """Generation and scoring: prompts in, a ``Rollouts`` batch out.
 
 The actor samples n responses per prompt (batched, KV cache, left-padded prompts, stop at
-EOS); then, on the finished sequences, one forward pass per role gives the actor's and
-the reference's token log-probs, the critic's values when asked, and the reward model's
-score. The log-probs are recomputed by the same function the loss uses, not taken from
-generation, so the first PPO ratio is exactly 1.
+EOS); then, on the finished sequences, one forward pass per frozen role gives the reference's
+token log-probs, the critic's values when asked, and the reward model's score. The actor's
+log-probs come from the raw logits generation already computed (``rollout.logprobs=generate``:
+a forward pass computes the same up to float rounding, so the first PPO ratio is 1 within
+rounding), or from a separate pass by the loss's own function (``forward``: exactly 1). With both
+full distributions at hand, the exact KL to the reference (summed over the vocabulary) is
+logged beside the sampled estimate.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +20,14 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from backbone.batch import Rollouts
-from backbone.kl import kl_estimate
+from backbone.kl import exact_kl, kl_estimate
 from backbone.models import PolicyStack, response_values
 from backbone.reward import RewardShaper
 from backbone.tasks.base import Task
 from backbone.timing import PhaseTimer
+
+# what a forward pass reads of a batch of rollouts
+SEQUENCE_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
 
 def response_mask_upto_eos(response_ids: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
@@ -113,6 +121,21 @@ class RolloutCollector:
             ids[i, : len(row)] = torch.tensor(row)
         return ids.to(self.device)
 
+    def actor_logits(self, rollouts: Rollouts, generated: tuple[Tensor, ...] | None) -> Tensor:
+        """The sampling policy's logits at the response positions, [B, T, V]: the ones generation
+        computed, one [B, V] per step, for the sampled rows (zero past the last step, where every
+        row is a pad); a forward pass for rows taken from the data, and for everything with
+        ``rollout.logprobs=forward``."""
+        if generated is None:
+            return self.stack.actor_logits(rollouts)
+        logits = torch.stack(generated, dim=1)  # [n_sampled, T_generated, V]
+        logits = F.pad(logits, (0, 0, 0, rollouts.response_ids.shape[1] - logits.shape[1]))
+        if rollouts.sampled is None:
+            return logits
+        rows = torch.nonzero(~rollouts.sampled).flatten()
+        given = replace(rollouts, **{key: getattr(rollouts, key)[rows] for key in SEQUENCE_FIELDS})
+        return torch.cat([logits, self.stack.actor_logits(given)])  # sampled rows come first
+
     @torch.no_grad()
     def collect(
         self,
@@ -130,13 +153,15 @@ class RolloutCollector:
         prompt's group teacher-forced, marked ``sampled=False``."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
         with self.timer.phase("generate"):
-            sequences = self.stack.actor.generate(
+            generated = self.stack.actor.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 generation_config=self.generation_config(greedy),
                 synced_gpus=self.synced_gpus,
-            )  # [B, P + T]
-        response_ids = sequences[:, prompt_ids.shape[1] :]
+                return_dict_in_generate=True,
+                output_logits=self.cfg.logprobs == "generate",  # raw: before temperature and top-k
+            )
+        response_ids = generated.sequences[:, prompt_ids.shape[1] :]  # [B, T]
         group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
         row_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         sampled = None
@@ -173,9 +198,16 @@ class RolloutCollector:
             prompts=row_prompts,
         )
         with self.timer.phase("actor_forward"):
-            rollouts.logprobs = self.stack.old_logprobs(rollouts)  # [B, T]
+            logprobs = F.log_softmax(
+                self.actor_logits(rollouts, generated.logits).float(), dim=-1
+            )  # [B, T, V]
         with self.timer.phase("reference_forward"):
-            rollouts.ref_logprobs = self.stack.reference_logprobs(rollouts)  # [B, T]
+            ref_logprobs = F.log_softmax(self.stack.reference_logits(rollouts).float(), dim=-1)  # [B, T, V]
+        labels = response_ids.unsqueeze(-1)
+        rollouts.logprobs = logprobs.gather(-1, labels).squeeze(-1) * response_mask  # [B, T]
+        rollouts.ref_logprobs = ref_logprobs.gather(-1, labels).squeeze(-1) * response_mask  # [B, T]
+        rollouts.kl_exact = exact_kl(logprobs, ref_logprobs) * response_mask  # [B, T]
+        del logprobs, ref_logprobs
         rollouts.kl = kl_estimate(rollouts.logprobs, rollouts.ref_logprobs, self.kl_estimator) * response_mask
         if with_values:
             with self.timer.phase("critic_forward"):

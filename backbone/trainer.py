@@ -101,6 +101,8 @@ def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
         f"{prefix}/kl_mean": kl.mean().item(),
         f"{prefix}/response_len_mean": rollouts.response_lengths.float().mean().item(),
     }
+    if rollouts.kl_exact is not None:  # the same per-response sum, over the vocabulary at each token
+        row[f"{prefix}/kl_exact_mean"] = rollouts.kl_exact.sum(dim=1).mean().item()
     if prefix == "rollout":
         row["rollout/reward_normalized_mean"] = rollouts.rewards.mean().item()
         row["rollout/kl_estimate_mean"] = shaping_kl.mean().item()

@@ -22,6 +22,7 @@ CHOICES = {
     "seed_scope": ("pipeline", "rl"),
     "phase": ("evaluate", "tune", "stages"),
     "kl.estimator": tuple(ESTIMATORS),
+    "rollout.logprobs": ("generate", "forward"),
     "reward.normalize": NORMALIZE_MODES,
     "reward.pooling": ("last", "mean"),
     "optim.scheduler": ("constant", "linear", "cosine"),

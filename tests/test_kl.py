@@ -11,6 +11,7 @@ from backbone.kl import (
     AdaptiveKLController,
     FixedKLController,
     build_kl_controller,
+    exact_kl,
     kl_estimate,
 )
 
@@ -91,3 +92,15 @@ def test_build_and_state_dict():
     restored = build_kl_controller(0.05, 6.0, 10000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value != 0.05
+
+
+def test_exact_kl_against_a_loop_over_the_vocabulary():
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(2, 3, 5, dtype=torch.float64), -1)  # [B, T, V]
+    logq = torch.log_softmax(torch.randn(2, 3, 5, dtype=torch.float64), -1)
+    kl = exact_kl(logp, logq)
+    for b in range(2):
+        for t in range(3):
+            expected = sum(math.exp(logp[b, t, v]) * (logp[b, t, v] - logq[b, t, v]) for v in range(5))
+            assert float(kl[b, t]) == pytest.approx(float(expected), rel=1e-12)
+    assert torch.all(kl >= 0) and torch.all(exact_kl(logp, logp) == 0)

@@ -21,7 +21,7 @@ ARCH = SimpleNamespace(n_layer=1, n_embd=32, n_head=2, n_positions=48, dropout=0
 
 
 def rollout_cfg(**overrides):
-    cfg = dict(max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0)
+    cfg = dict(max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0, logprobs="generate")
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
@@ -76,11 +76,16 @@ def test_rollouts_are_masked_grouped_and_scored(setup):
     assert rollouts.responses[0] == setup[1].decode(rollouts.response_ids[0], skip_special_tokens=True)
 
 
-def test_step_zero_kl_is_zero_and_the_first_ppo_ratio_is_one(setup):
+@pytest.mark.parametrize("logprobs", ["forward", "generate"])
+def test_step_zero_kl_is_zero_and_the_first_ppo_ratio_is_one(setup, logprobs):
+    """Exactly with the loss's own pass; within float rounding with generation's logits."""
     torch.manual_seed(1)
-    rollouts = collector(setup).collect(setup[0].rl_prompts()[:8], with_values=True)
-    torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs)  # actor == reference
-    assert torch.all(rollouts.kl == 0)
+    rollouts = collector(setup, logprobs=logprobs).collect(setup[0].rl_prompts()[:8], with_values=True)
+    exact = logprobs == "forward"
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 0, "atol": 1e-5}
+    torch.testing.assert_close(rollouts.logprobs, rollouts.ref_logprobs, **tolerance)  # actor == reference
+    torch.testing.assert_close(rollouts.kl, torch.zeros_like(rollouts.kl), **tolerance)
+    torch.testing.assert_close(rollouts.kl_exact, torch.zeros_like(rollouts.kl_exact), **tolerance)
     algorithm = make_algorithm(lr=1e-3, ppo_epochs=1, minibatch_size=4)
     batch = algorithm.prepare(rollouts)
     for minibatch in batch.minibatches(4, torch.Generator().manual_seed(0)):
@@ -139,3 +144,59 @@ def test_long_prompts_keep_their_end_and_are_counted(setup):
     ids, mask = c.encode_prompts(prompts, 1)
     full = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     assert ids[0].tolist() == full[-4:] and mask[0].tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 5, "min_new_tokens": 4}])
+def test_logprobs_from_generation_match_a_separate_forward_pass(setup, sampling):
+    """The logits generation computed (raw: before temperature, top-k and the EOS ban) give the
+    loss's log-probs up to float rounding; rows taken from the data go through a forward pass."""
+    task, _, stack = setup
+    prompts = task.rl_prompts()[:4]
+    given = [task.chosen_response(p) for p in prompts]
+    torch.manual_seed(5)
+    rollouts = collector(setup, max_new_tokens=24, **sampling).collect(
+        prompts, samples_per_prompt=3, given_responses=given
+    )
+    torch.testing.assert_close(rollouts.logprobs, stack.old_logprobs(rollouts), rtol=0, atol=1e-5)
+    torch.manual_seed(5)
+    forward = collector(setup, max_new_tokens=24, logprobs="forward", **sampling).collect(
+        prompts, samples_per_prompt=3, given_responses=given
+    )
+    assert torch.equal(forward.response_ids, rollouts.response_ids)  # the same samples either way
+    assert torch.equal(forward.logprobs, stack.old_logprobs(forward))
+
+
+def test_exact_kl_is_the_sum_over_the_vocabulary_of_each_position(setup):
+    """Against a brute-force computation: per sequence, per position, a loop over the vocabulary of
+    the two models' next-token distributions, from unbatched forward passes of the unpadded text."""
+    task, tokenizer, stack = setup
+    torch.manual_seed(6)
+    other = load_causal_lm(stack.actor.config._name_or_path)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reference that differs from the actor
+    shifted = PolicyStack(stack.actor, other, stack.reward)
+    c = RolloutCollector(
+        shifted,
+        tokenizer,
+        task,
+        RewardShaper(normalize="none", clip=None, missing_eos_penalty=None),
+        "k1",
+        rollout_cfg(),
+        48,
+        torch.device("cpu"),
+    )
+    rollouts = c.collect(task.rl_prompts()[:3], samples_per_prompt=2)
+    assert torch.all(rollouts.kl_exact[rollouts.response_mask == 0] == 0)
+    for i in range(len(rollouts)):
+        prompt = rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()]
+        n = int(rollouts.response_mask[i].sum())
+        ids = torch.cat([prompt, rollouts.response_ids[i, :n]])[None]
+        with torch.no_grad():
+            p = torch.softmax(stack.actor(ids).logits[0].double(), -1)
+            q = torch.softmax(other(ids).logits[0].double(), -1)
+        for t in range(n):
+            pos = len(prompt) - 1 + t  # the position whose logits predict response token t
+            kl = sum(float(p[pos, v] * (p[pos, v].log() - q[pos, v].log())) for v in range(p.shape[1]))
+            assert float(rollouts.kl_exact[i, t]) == pytest.approx(kl, abs=1e-5)
+    assert float(rollouts.kl_exact.sum()) > 0

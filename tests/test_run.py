@@ -31,11 +31,12 @@ RL_KEYS = {
     "time/elapsed_s",
     "rollout/reward_mean",
     "rollout/kl_mean",
+    "rollout/kl_exact_mean",
     "rollout/response_len_mean",
     "rollout/gold_mean",
     "train/loss",
 }
-EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/gold_mean"}
+EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/kl_exact_mean", "eval/gold_mean"}
 
 
 def rl_rows(rows: list[dict]) -> list[dict]:
