@@ -276,9 +276,11 @@ class EngineConfig:
     name: str = "torch"
     # cpu | cuda | auto (under a launcher: the rank's own GPU)
     device: str = "auto"
-    # intra-op CPU threads per job; 1 is robust when jobs or other processes share the cores
-    # (2 threads are ~25% faster on an idle 2-core machine and 10x slower on a busy one); 0: torch's default
-    cpu_threads: int = 1
+    # intra-op CPU threads per process: auto (the cores this process may use, shared out between the
+    # jobs a parallel launcher runs at once and the ranks on this machine), a number, or 0 (torch's
+    # default). OpenMP threads sleep when idle (experiments/__init__.py), so a busy core slows a
+    # job down instead of stalling it
+    cpu_threads: Any = "auto"
     # deepspeed only: ZeRO stage 0-3, optimiser state (and, at stage 3, parameters) offloaded to CPU
     zero_stage: int = 0
     offload_optimizer: bool = False

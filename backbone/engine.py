@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,9 +39,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_threads(setting: int | str, parallel_jobs: int = 1) -> int:
+    """``engine.cpu_threads`` as a number: ``auto`` shares the cores this process may use between
+    the jobs running at once (a parallel launcher's) and the ranks on this machine, at least one
+    each; 0 leaves torch's default."""
+    if setting != "auto":
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+            raise ValueError(
+                f"engine.cpu_threads={setting!r}: expected auto or a number of threads (0: torch's default)"
+            )
+        return setting
+    cores = len(os.sched_getaffinity(0))
+    local_ranks = int(
+        os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1))
+    )  # torchrun, deepspeed
+    return max(1, cores // (max(1, parallel_jobs) * local_ranks))
+
+
 def configure_cpu_threads(device: torch.device, threads: int) -> None:
-    """Intra-op threads on CPU. OpenMP threads spin while they wait, so two threads per job
-    collapse (10-50x slower steps) as soon as another busy process shares the cores."""
+    """Intra-op threads on CPU (``cpu_threads``' number; 0 leaves torch's default)."""
     if device.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
 

@@ -71,8 +71,10 @@ class RolloutCollector:
                 f"model.max_length={max_length}"
             )
 
-    def generation_config(self, greedy: bool) -> GenerationConfig:
-        """Explicit sampling knobs: a model's saved generation_config (top_k=50, ...) must not leak in."""
+    def generation_config(self, greedy: bool, with_logits: bool = False) -> GenerationConfig:
+        """Explicit sampling knobs: a model's saved generation_config (top_k=50, ...) must not leak in.
+        ``with_logits``: ``generate`` returns its raw logits (before temperature and top-k) with the
+        sequences."""
         sampling = (
             {}
             if greedy
@@ -85,6 +87,8 @@ class RolloutCollector:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
+            return_dict_in_generate=with_logits,
+            output_logits=with_logits,
             **sampling,
         )
 
@@ -152,16 +156,18 @@ class RolloutCollector:
         unchanged). ``given_responses`` (one per prompt, e.g. the data's chosen ones) join their
         prompt's group teacher-forced, marked ``sampled=False``."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts, samples_per_prompt)  # [B, P]
+        with_logits = self.cfg.logprobs == "generate"
         with self.timer.phase("generate"):
             generated = self.stack.actor.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
-                generation_config=self.generation_config(greedy),
+                generation_config=self.generation_config(greedy, with_logits),
                 synced_gpus=self.synced_gpus,
-                return_dict_in_generate=True,
-                output_logits=self.cfg.logprobs == "generate",  # raw: before temperature and top-k
             )
-        response_ids = generated.sequences[:, prompt_ids.shape[1] :]  # [B, T]
+        sequences, generated_logits = (
+            (generated.sequences, generated.logits) if with_logits else (generated, None)
+        )
+        response_ids = sequences[:, prompt_ids.shape[1] :]  # [B, T]
         group = torch.arange(len(prompts), device=self.device).repeat_interleave(samples_per_prompt)
         row_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         sampled = None
@@ -199,7 +205,7 @@ class RolloutCollector:
         )
         with self.timer.phase("actor_forward"):
             logprobs = F.log_softmax(
-                self.actor_logits(rollouts, generated.logits).float(), dim=-1
+                self.actor_logits(rollouts, generated_logits).float(), dim=-1
             )  # [B, T, V]
         with self.timer.phase("reference_forward"):
             ref_logprobs = F.log_softmax(self.stack.reference_logits(rollouts).float(), dim=-1)  # [B, T, V]

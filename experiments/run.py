@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -31,7 +32,7 @@ from backbone import distributed
 from backbone.best_of_n import write_best_of_n
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
-from backbone.engine import configure_cpu_threads, resolve_device
+from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
 from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
@@ -108,12 +109,18 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | Non
     return resumed, checkpoint, state
 
 
+def parallel_jobs() -> int:
+    """Jobs the launcher runs at once: a parallel launcher's ``n_jobs`` (joblib's -1: one per core)."""
+    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=1)
+    return len(os.sched_getaffinity(0)) if n_jobs < 0 else n_jobs
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
     cfg, checkpoint, state = resume_point(apply_seed_scope(cfg), run_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
-    configure_cpu_threads(device, cfg.engine.cpu_threads)
+    configure_cpu_threads(device, cpu_threads(cfg.engine.cpu_threads, parallel_jobs()))
     # settings first (bad hyperparameters fail in the algorithm's constructor), then the data
     check_targets(cfg)
     algorithm = instantiate(cfg.algorithm)
@@ -139,7 +146,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.truncate_history("iteration", state["iteration"] if state else -1)
         if state is not None:
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
-        tracker.summary({"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()})
+        identity = {"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()}
+        # wall-clock is only comparable at equal threads
+        tracker.summary({**identity, "cpu_threads": torch.get_num_threads()})
         stages = prepare_stages(cfg, task, tracker.log)
         tracker.summary(
             {

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -155,7 +156,9 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
         timeout=600,
     )
     assert result.returncode != 0  # the sweep reports that a job failed ...
-    assert read_summary(sweep / "0")["iterations"] == 1  # ... after the good job ran to the end
+    good = read_summary(sweep / "0")
+    assert good["iterations"] == 1  # ... after the good job ran to the end
+    assert good["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # its share: 2 jobs at once
     failure = json.loads((sweep / "1" / "failure.json").read_text())
     assert "no_such_baseline" in failure["error"] and "Traceback" in failure["traceback"]
     assert "algorithm.baseline=no_such_baseline" in failure["overrides"]

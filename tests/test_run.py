@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ def test_summary_and_run_record(single_run):
     ):
         assert key in summary
     assert summary["algorithm"] == "ppo_gae" and summary["iterations"] == 3
+    assert summary["cpu_threads"] == len(os.sched_getaffinity(0))  # one job alone: every core
     assert summary["reward_model"]["rm/eval_accuracy"] > 0.5
     assert (single_run / ".hydra" / "config.yaml").exists()
     assert list((single_run / "checkpoints").glob("iter-*/actor/model.safetensors"))
