@@ -350,7 +350,8 @@ class PPOSampledConfig(AlgorithmConfig):
     name: str = "ppo_sampled"
     lr: float = 3e-4
     samples_per_prompt: int = 4
-    # sampled_mean | leave_one_out | critic
+    # sampled_mean | leave_one_out | critic (V of the prompt) | critic_coati (ColossalAI-Chat's critic:
+    # its values averaged over the whole sequence)
     baseline: str = "sampled_mean"
     cliprange: float = 0.2
     cliprange_value: float = 0.2

@@ -159,10 +159,13 @@ class LoraPolicyStack(PolicyStack):
         reward: AdapterValueModel,
         critic: AdapterValueModel | None = None,
         gradient_checkpointing: bool = False,
+        values_per: str = "token",
     ):
         # freezing the reference and the reward model freezes the base they share, every adapter
         # with it (the critic's head is its own) ...
-        super().__init__(lm, AdaptersDisabled(lm, adapters), reward, critic, gradient_checkpointing)
+        super().__init__(
+            lm, AdaptersDisabled(lm, adapters), reward, critic, gradient_checkpointing, values_per
+        )
         self.adapters = adapters
         # ... so the trainable adapters are thawed again, with the actor's active
         adapters.activate("actor")
@@ -192,7 +195,12 @@ class LoraPolicyStack(PolicyStack):
 
 
 def build_lora_policy_stack(
-    sft_path: str | Path, reward_path: str | Path, needs_critic: bool, critic_init: str, model_cfg
+    sft_path: str | Path,
+    reward_path: str | Path,
+    needs_critic: bool,
+    critic_init: str,
+    model_cfg,
+    values_per: str = "token",
 ) -> LoraPolicyStack:
     """The SFT model with a fresh actor adapter, the reward artifact's adapter and head, and the
     critic's. Actor and critic take the reward adapter's LoRA settings: the run's ``peft.*``, which
@@ -225,4 +233,4 @@ def build_lora_policy_stack(
                 critic = AdapterValueModel(adapters, "critic", pooling)
             else:
                 raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
-    return LoraPolicyStack(lm, adapters, reward, critic, model_cfg.gradient_checkpointing)
+    return LoraPolicyStack(lm, adapters, reward, critic, model_cfg.gradient_checkpointing, values_per)

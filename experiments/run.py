@@ -183,7 +183,7 @@ def build_collector(
     """The four roles from the stage artifacts, the reward shaping, and the collector over them."""
     tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
     stack = build_policy_stack(
-        stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model
+        stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model, algorithm.values_per
     ).to(device)
     meta = stack.reward.metadata
     shaper = RewardShaper(

@@ -120,14 +120,15 @@ def test_one_base_holds_every_role_and_only_actor_and_critic_train(sft, trained_
     assert one_model < held < 1.1 * one_model
 
 
+@pytest.mark.parametrize("values_per", ["token", "sequence"])
 @pytest.mark.parametrize("critic_init", ["reward", "sft"])
-def test_zero_adapters_give_the_outputs_of_separate_full_models(sft, zero_rm, task, critic_init):
-    stack = build_policy_stack(sft, zero_rm, True, critic_init, MODEL)
+def test_zero_adapters_give_the_outputs_of_separate_full_models(sft, zero_rm, task, critic_init, values_per):
+    stack = build_policy_stack(sft, zero_rm, True, critic_init, MODEL, values_per)
     # full models on the same SFT base, with the LoRA roles' heads
     reward, critic = ValueModel.from_causal_lm(sft), ValueModel.from_causal_lm(sft)
     reward.load_head(zero_rm)
     critic.head.load_state_dict(stack.critic.head.state_dict())
-    full = PolicyStack(load_causal_lm(sft), load_causal_lm(sft), reward, critic)
+    full = PolicyStack(load_causal_lm(sft), load_causal_lm(sft), reward, critic, values_per=values_per)
     rollouts = collect(stack, sft, task)
     torch.testing.assert_close(rollouts.logprobs, full.old_logprobs(rollouts), rtol=0, atol=0)
     torch.testing.assert_close(rollouts.ref_logprobs, full.reference_logprobs(rollouts), rtol=0, atol=0)
@@ -251,6 +252,14 @@ def test_rrhf_runs_end_to_end_on_adapters(tmp_path, artifacts_dir):
     assert (checkpoint / "actor" / "adapter_model.safetensors").exists() and not (
         checkpoint / "critic"
     ).exists()
+
+
+def test_coatis_critic_runs_end_to_end_on_adapters(tmp_path, artifacts_dir):
+    extra = ["algorithm=ppo_sampled", "algorithm.baseline=critic_coati"]
+    run_entry(lora_args(artifacts_dir, tmp_path, *extra, "iterations=1"), cwd=tmp_path)
+    rows = [r for r in read_history(tmp_path) if "iteration" in r]
+    assert {"train/value_loss", "train/advantage_std"} <= set(rows[1])
+    assert (tmp_path / "checkpoints" / "iter-000001" / "critic" / "adapter_model.safetensors").exists()
 
 
 def test_a_killed_lora_run_resumes_exactly(tmp_path, artifacts_dir, ppo_gae_run):

@@ -146,6 +146,7 @@ def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
     ("overrides", "train_key"),
     [
         (["algorithm=ppo_sampled", "algorithm.baseline=critic"], "train/value_loss"),
+        (["algorithm=ppo_sampled", "algorithm.baseline=critic_coati"], "train/value_loss"),
         (["algorithm=ppo_sampled", "algorithm.baseline=leave_one_out"], "train/baseline_mean"),
         (["algorithm=rrhf", "algorithm.mode=offline"], "train/rank_loss"),
         (["algorithm=rrhf", "algorithm.include_chosen=true"], "train/rank_loss"),
@@ -166,6 +167,8 @@ def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artif
     )
     rows = rl_rows(read_history(run_dir))
     assert all(train_key in r for r in rows[1:])
+    if "algorithm=ppo_sampled" in overrides:  # every baseline: the raw advantages' std
+        assert all(r["train/advantage_std"] > 0 for r in rows[1:])
     if "algorithm.mode=offline" in overrides:
         # the whole sample budget comes from the initial policy, before the first update
         assert [r["samples"] for r in rows] == [0, 16, 16]

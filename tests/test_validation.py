@@ -61,8 +61,12 @@ def test_every_problem_is_in_one_message():
     assert text.count("\n  - ") == 3
 
 
-def test_a_critic_option_is_fine_where_there_is_a_critic():
-    cfg = compose_config(["algorithm=ppo_sampled", "algorithm.baseline=critic", "algorithm.vf_coef=1.0"])
+@pytest.mark.parametrize("baseline", ["critic", "critic_coati"])
+@pytest.mark.parametrize("peft", ["none", "lora_multi_adapter"])
+def test_a_critic_option_is_fine_where_there_is_a_critic(baseline, peft):
+    """Either critic of ppo_sampled, in either stack."""
+    overrides = [f"algorithm.baseline={baseline}", "algorithm.vf_coef=1.0", "critic.init=sft"]
+    cfg = compose_config(["algorithm=ppo_sampled", f"peft={peft}", *overrides])
     check_run_config(cfg, instantiate(cfg.algorithm))
 
 
