@@ -240,7 +240,9 @@ class OptimConfig:
 
 @dataclass
 class CriticConfig:
-    # initialise the critic from the reward model (the seed's finding) or from the SFT model
+    # where the critic starts: reward, a copy of the run's reward model (the seed's finding); reward_last
+    # | reward_mean, a copy of the reward model trained with that pooling (the same stage and seed; the
+    # reward itself keeps reward.pooling); sft, the SFT model's body under a fresh head
     init: str = "reward"
 
 

@@ -8,6 +8,8 @@ import pytest
 from conftest import read_history, read_summary, run_entry
 from wandb_records import items_of, offline_records, records_of
 
+from backbone.models import value_metadata
+
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
     "task.n_sft_train=1500",
@@ -174,3 +176,21 @@ def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artif
         assert [r["samples"] for r in rows] == [0, 16, 16]
     else:
         assert [r["samples"] for r in rows] == [0, 8, 16]
+
+
+def test_a_critic_from_the_mean_pooled_reward_model_keeps_the_last_token_reward(
+    tmp_path, artifacts_dir, single_run
+):
+    """critic.init=reward_mean builds a mean-pooled reward model for the critic; the reward is still the
+    last-token one: the same artifact and, before any update, the same scores as the default run's."""
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "critic.init=reward_mean", "iterations=1", "logger.mode=disabled"]
+    run_entry([*args, f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    artifacts, default = read_summary(run_dir)["artifacts"], read_summary(single_run)["artifacts"]
+    assert artifacts["reward"] == default["reward"] == default["critic"]
+    assert artifacts["critic"] != artifacts["reward"]
+    assert value_metadata(artifacts_dir / artifacts["reward"])["pooling"] == "last"
+    assert value_metadata(artifacts_dir / artifacts["critic"])["pooling"] == "mean"
+    ours, theirs = rl_rows(read_history(run_dir)), rl_rows(read_history(single_run))
+    for key, row in (("eval/reward_mean", 0), ("rollout/reward_mean", 1)):
+        assert ours[row][key] == theirs[row][key], key
