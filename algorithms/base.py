@@ -28,6 +28,9 @@ class Algorithm(ABC):
     samples_per_prompt: int = 1
     #: whether the backbone must build a critic and collect its values
     needs_critic: bool = False
+    #: the critic's values it reads: ``token``, V of the state before each response token [B, T];
+    #: ``sequence``, one value per sequence [B] (coati's critic: its per-position values averaged)
+    values_per: str = "token"
     #: offline algorithms get one rollout of the whole prompt set from the initial policy
     offline: bool = False
     #: the task's chosen response to each prompt joins the policy's samples (teacher-forced)
@@ -41,7 +44,8 @@ class Algorithm(ABC):
 
     @abstractmethod
     def prepare(self, rollouts: Rollouts) -> Batch:
-        """Targets (advantages, returns, ranks) from a rollout batch; called under no_grad."""
+        """Targets (advantages, returns, ranks) from a rollout batch, and statistics of the whole
+        batch in ``Batch.stats``; called under no_grad."""
 
     @abstractmethod
     def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:

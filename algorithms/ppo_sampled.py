@@ -1,7 +1,7 @@
-"""Single-step PPO (ColossalAI-Chat's coati PPO) with the critic replaced by a sampled baseline.
+"""Single-step PPO (ColossalAI-Chat's coati PPO), with coati's critic or a baseline sampled instead.
 
 A response is one action: one reward per response, no time steps, no GAE. With n responses sampled
-per prompt, the baseline is computed from the other samples of the same prompt instead of a critic.
+per prompt, the baseline can be computed from the other samples of the same prompt instead of a critic.
 
     R_i = r_i - beta * sum_t kl_{i,t}        sequence reward: normalised score minus the sequence KL
     A_i = R_i - b_i                          one advantage per response, shared by all its tokens
@@ -10,11 +10,24 @@ per prompt, the baseline is computed from the other samples of the same prompt i
 The baseline b_i (``baseline``):
     sampled_mean    mean of R over the n samples of i's prompt, i included
     leave_one_out   mean of R over the other n - 1 samples (RLOO); = n / (n - 1) * (R_i - mean)
-    critic          V(prompt_i), coati's original: a critic fitted to R with the clipped value loss
+    critic          V(x_i), the critic's value of the prompt state (at the first response position)
+    critic_coati    V(x_i, y_i) = mean_l v_l, coati's critic: its per-position values v_l averaged over
+                    the whole sequence, prompt and response tokens (pads masked)
+
+A critic is fitted to R, where the baseline reads it, with coati's clipped value loss, added to L
+with weight vf_coef:
+
+    L_vf = 0.5 * mean_i max((V_i - R_i)^2, (clip(V_i, V_old_i - c, V_old_i + c) - R_i)^2)
+
+coati's Critic averages over every column but the last, pads included; masking the pads keeps V
+independent of a batch's padding. (coati's example train_prompts.py sets use_action_mask, which
+averages over the prompt's positions only: a value of the prompt, like ``critic``.)
 
 kl_{i,t} is the backbone's configured per-token estimator (coati uses k3 averaged over tokens; we sum,
 as RLOO does, so beta prices the KL of the whole response). Group baselines are computed per prompt
 from ``rollouts.group`` and accept groups of different sizes (each is divided by its own count).
+The raw advantages' mean and std over the whole batch, before any whitening, are logged for every
+baseline (``train/advantage_mean``, ``train/advantage_std``): the source's critic gives "tiny advantages".
 """
 
 from __future__ import annotations
@@ -25,9 +38,10 @@ from torch import Tensor
 from algorithms.base import Algorithm, Policy
 from backbone.batch import Batch, Rollouts
 from backbone.losses import clipped_policy_loss, clipped_value_loss
-from backbone.ops import masked_mean, masked_sum, masked_whiten
+from backbone.ops import global_masked_mean_var, masked_mean, masked_sum, masked_whiten
 
-BASELINES = ("sampled_mean", "leave_one_out", "critic")
+BASELINES = ("sampled_mean", "leave_one_out", "critic", "critic_coati")
+CRITIC_BASELINES = ("critic", "critic_coati")
 
 
 def _group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,33 +84,42 @@ class PPOSampled(Algorithm):
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-        if baseline != "critic" and samples_per_prompt < 2:
+        if baseline not in CRITIC_BASELINES and samples_per_prompt < 2:
             # n = 1: the sampled mean is the reward itself (A = 0) and leave-one-out has no others
             raise ValueError(f"baseline={baseline} needs samples_per_prompt >= 2, got {samples_per_prompt}")
         self.samples_per_prompt = samples_per_prompt
         self.baseline = baseline
-        self.needs_critic = baseline == "critic"
+        self.needs_critic = baseline in CRITIC_BASELINES
+        self.values_per = "sequence" if baseline == "critic_coati" else "token"
         self.cliprange = cliprange
         self.cliprange_value = cliprange_value
         self.vf_coef = vf_coef
         self.whiten_advantages = whiten_advantages
 
+    def critic_value(self, values: Tensor) -> Tensor:
+        """The critic's value the baseline reads, [B]: V(prompt), the first response position of the
+        per-token values [B, T]; or coati's V(prompt, response), already one per sequence."""
+        return values if self.values_per == "sequence" else values[:, 0]
+
     def prepare(self, rollouts: Rollouts) -> Batch:
         mask = rollouts.response_mask.to(rollouts.kl.dtype)  # [B, T]
         # R_i = r_i - beta * sum_t kl_{i,t}, over valid response tokens only
         seq_rewards = rollouts.rewards - rollouts.kl_coef * masked_sum(rollouts.kl, mask, dim=1)  # [B]
-        if self.baseline == "critic":
-            # V at the first response position: the value of the prompt state, before any response token
-            baselines = rollouts.values[:, 0]  # [B]
+        if self.needs_critic:
+            baselines = self.critic_value(rollouts.values)  # [B]
         elif self.baseline == "sampled_mean":
             baselines = group_mean_baseline(seq_rewards, rollouts.group)  # [B]
         else:
             baselines = leave_one_out_baseline(seq_rewards, rollouts.group)  # [B]
         advantages = seq_rewards - baselines  # [B]
+        # one advantage per response; statistics and whitening global over data-parallel ranks
+        every = torch.ones_like(advantages)
+        mean, var = global_masked_mean_var(advantages, every)
+        stats = {"advantage_mean": mean, "advantage_std": var.sqrt()}  # raw: whitening would set std 1
         if self.whiten_advantages:
-            # over responses (one advantage each), global over data-parallel ranks
-            advantages = masked_whiten(advantages, torch.ones_like(advantages))
-        return Batch(rollouts, {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines})
+            advantages = masked_whiten(advantages, every)
+        tensors = {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines}
+        return Batch(rollouts, tensors, stats)
 
     def loss(self, policy: Policy, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         rollouts = batch.rollouts
@@ -108,20 +131,21 @@ class PPOSampled(Algorithm):
         stats = {
             **pg_stats,  # policy_loss, clipfrac, approx_kl, ratio_mean
             "entropy": masked_mean(out.entropy.detach(), mask),
-            "advantage_std": batch["advantages"].std(correction=0),
             "baseline_mean": batch["baselines"].mean(),
             "sequence_reward_mean": batch["seq_rewards"].mean(),
         }
         if self.needs_critic:
-            # Fitted at the first response position only: V(prompt) is the one value the baseline reads,
-            # and R is an unbiased sample of it. Later positions see part of the response (and R still
+            # Fitted only where the baseline reads it, one value per response: for ``critic`` V(prompt),
+            # of which R is an unbiased sample. Later positions see part of the response (and R still
             # charges the KL of tokens already emitted), so R is not their return; fitting them would
             # weight the loss by response length and spend the critic on values nobody uses.
+            values = self.critic_value(out.values)[:, None]  # [B, 1]
+            old_values = self.critic_value(rollouts.values)[:, None]  # [B, 1]
             value_loss, vf_stats = clipped_value_loss(
-                out.values[:, :1],
-                rollouts.values[:, :1],
+                values,
+                old_values,
                 batch["seq_rewards"][:, None],
-                mask[:, :1],
+                torch.ones_like(values),
                 self.cliprange_value,
             )
             loss = loss + self.vf_coef * value_loss

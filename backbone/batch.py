@@ -12,7 +12,7 @@ P + t. Every per-token tensor below is over response positions only: ``[B, T]``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ class Rollouts:
     scores: Tensor  # [B] reward-model score, raw
     rewards: Tensor  # [B] score after normalisation, clipping and the missing-EOS penalty
     kl_coef: float = 0.0  # the KL controller's beta when these were collected
-    values: Tensor | None = None  # [B, T] critic values, when the algorithm needs a critic
+    values: Tensor | None = None  # critic values, when needed: [B, T], or [B] one per sequence
     kl_exact: Tensor | None = None  # [B, T] KL(pi || pi_ref) summed over the vocabulary, 0 on pads
     gold: Tensor | None = None  # [B] the task's gold reward, when it has one
     # [B] True for the policy's samples, False for responses taken from the data (RRHF's chosen
@@ -87,7 +87,7 @@ class PolicyOutput:
 
     logprobs: Tensor  # [B, T] log pi_theta of each response token
     entropy: Tensor  # [B, T] entropy of pi_theta at each response position
-    values: Tensor | None = None  # [B, T] critic values, when asked for
+    values: Tensor | None = None  # critic values, when asked for: [B, T], or [B] one per sequence
 
 
 @dataclass
@@ -96,6 +96,9 @@ class Batch:
 
     rollouts: Rollouts
     tensors: dict[str, Tensor]
+    # statistics of the whole batch (0-d tensors), logged once per update under ``train/``;
+    # minibatches do not carry them
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors[key]

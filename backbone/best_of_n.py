@@ -233,7 +233,7 @@ def best_of_n_artifact(cfg: DictConfig, task: Task, stages: StageArtifacts, devi
         # the stack loads inside the fork too: nothing it draws (a fresh head) reaches the run's streams
         with torch.random.fork_rng(devices=_rng_devices(device)):
             tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
-            stack = build_policy_stack(stages.sft, stages.reward, False, cfg.critic.init, cfg.model)
+            stack = build_policy_stack(stages.sft, stages.reward, None, cfg.model)
         stack.to(device)
         shaper = RewardShaper(normalize="none", clip=None, missing_eos_penalty=None)  # raw scores are used
         collector = RolloutCollector(

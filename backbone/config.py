@@ -244,7 +244,9 @@ class OptimConfig:
 
 @dataclass
 class CriticConfig:
-    # initialise the critic from the reward model (the seed's finding) or from the SFT model
+    # where the critic starts: reward, a copy of the run's reward model (the seed's finding); reward_last
+    # | reward_mean, a copy of the reward model trained with that pooling (the same stage and seed; the
+    # reward itself keeps reward.pooling); sft, the SFT model's body under a fresh head
     init: str = "reward"
 
 
@@ -356,7 +358,8 @@ class PPOSampledConfig(AlgorithmConfig):
     name: str = "ppo_sampled"
     lr: float = 3e-4
     samples_per_prompt: int = 4
-    # sampled_mean | leave_one_out | critic
+    # sampled_mean | leave_one_out | critic (V of the prompt) | critic_coati (ColossalAI-Chat's critic:
+    # its values averaged over the whole sequence)
     baseline: str = "sampled_mean"
     cliprange: float = 0.2
     cliprange_value: float = 0.2

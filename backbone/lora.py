@@ -11,8 +11,10 @@ Where the weights come from:
   (``reward_model.init=sft``); the artifact is the adapter in PEFT's own format beside the head.
 - The actor adapter starts at zero (LoRA's B = 0), so at step 0 the actor is the base, and the
   reference (adapters disabled) is exactly the SFT model: KL 0 and a first PPO ratio of 1.
-- The critic adapter and head are a copy of the reward model's (``critic.init=reward``) or fresh
-  (``critic.init=sft``, a zero adapter: the SFT body).
+- The critic adapter and head are a copy of a reward model's (``critic.init=reward``: the run's own;
+  ``reward_last`` / ``reward_mean``: one the reward-model stage trained with that pooling, an adapter
+  on the same SFT base with the same LoRA settings), or fresh (``critic.init=sft``, a zero adapter:
+  the SFT body).
 
 PEFT runs one adapter per forward, so each role makes its adapter active for its pass and the
 actor's and critic's passes of one loss run one after the other, each keeping its graph. PEFT's
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from backbone.models import PolicyStack, ValueModel, load_causal_lm, value_metadata
+from backbone.models import PolicyStack, ValueModel, is_value_model, load_causal_lm, value_metadata
 
 INIT_SEED = 0  # of the adapters' random start, see build_lora_policy_stack
 
@@ -159,10 +161,13 @@ class LoraPolicyStack(PolicyStack):
         reward: AdapterValueModel,
         critic: AdapterValueModel | None = None,
         gradient_checkpointing: bool = False,
+        values_per: str = "token",
     ):
         # freezing the reference and the reward model freezes the base they share, every adapter
         # with it (the critic's head is its own) ...
-        super().__init__(lm, AdaptersDisabled(lm, adapters), reward, critic, gradient_checkpointing)
+        super().__init__(
+            lm, AdaptersDisabled(lm, adapters), reward, critic, gradient_checkpointing, values_per
+        )
         self.adapters = adapters
         # ... so the trainable adapters are thawed again, with the actor's active
         adapters.activate("actor")
@@ -192,11 +197,16 @@ class LoraPolicyStack(PolicyStack):
 
 
 def build_lora_policy_stack(
-    sft_path: str | Path, reward_path: str | Path, needs_critic: bool, critic_init: str, model_cfg
+    sft_path: str | Path,
+    reward_path: str | Path,
+    critic_from: str | Path | None,
+    model_cfg,
+    values_per: str = "token",
 ) -> LoraPolicyStack:
     """The SFT model with a fresh actor adapter, the reward artifact's adapter and head, and the
-    critic's. Actor and critic take the reward adapter's LoRA settings: the run's ``peft.*``, which
-    key the reward artifact.
+    critic's: ``critic_from``'s adapter and head when it is a reward-model artifact, fresh when it is
+    the SFT model, none when None. Actor and critic take the reward adapter's LoRA settings: the run's
+    ``peft.*``, which key the reward artifacts.
 
     The fresh weights (LoRA's A, a fresh critic head) are drawn from a fixed seed, as the SFT model
     under them is fixed: a run's RL stream must not depend on whether its stages were built in its
@@ -205,24 +215,25 @@ def build_lora_policy_stack(
     lm = load_causal_lm(sft_path, model_cfg.dtype, model_cfg.trust_remote_code).requires_grad_(False)
     config = LoraConfig.from_pretrained(str(reward_path))
     config.inference_mode = False  # PEFT saves adapters marked for inference
-    meta = value_metadata(reward_path)
-    pooling = meta.pop("pooling")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
         peft = get_peft_model(lm.base_model, config, adapter_name="actor")
-        peft.load_adapter(str(reward_path), adapter_name="reward", is_trainable=False)
-        adapters = Adapters(peft, ["actor", "critic"] if needs_critic else ["actor"])
-        reward = AdapterValueModel(adapters, "reward", pooling, meta)
-        reward.load_head(reward_path)
+        adapters = Adapters(peft, ["actor"] if critic_from is None else ["actor", "critic"])
+        reward = adapter_value_model(adapters, "reward", reward_path)
         critic = None
-        if needs_critic:
-            if critic_init == "reward":
-                peft.load_adapter(str(reward_path), adapter_name="critic", is_trainable=True)
-                critic = AdapterValueModel(adapters, "critic", pooling, meta)
-                critic.load_head(reward_path)
-            elif critic_init == "sft":
-                peft.add_adapter("critic", config)
-                critic = AdapterValueModel(adapters, "critic", pooling)
-            else:
-                raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
-    return LoraPolicyStack(lm, adapters, reward, critic, model_cfg.gradient_checkpointing)
+        if critic_from is not None and is_value_model(critic_from):
+            critic = adapter_value_model(adapters, "critic", critic_from)
+        elif critic_from is not None:
+            peft.add_adapter("critic", config)
+            critic = AdapterValueModel(adapters, "critic", reward.pooling)
+    return LoraPolicyStack(lm, adapters, reward, critic, model_cfg.gradient_checkpointing, values_per)
+
+
+def adapter_value_model(adapters: Adapters, name: str, folder: str | Path) -> AdapterValueModel:
+    """A saved LoRA value model (adapter and head) as the adapter ``name`` on the shared base; the
+    critic's is trainable."""
+    adapters.peft.load_adapter(str(folder), adapter_name=name, is_trainable=name in adapters.trainable)
+    meta = value_metadata(folder)
+    model = AdapterValueModel(adapters, name, meta.pop("pooling"), meta)
+    model.load_head(folder)
+    return model

@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from backbone.batch import PolicyOutput, Rollouts
+from backbone.ops import masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +304,11 @@ def value_metadata(path: str | Path) -> dict:
     return json.loads((Path(path) / VALUE_META_FILE).read_text())
 
 
+def is_value_model(path: str | Path) -> bool:
+    """Whether a folder holds a saved value model (a reward-model artifact), not a causal LM."""
+    return (Path(path) / VALUE_META_FILE).exists()
+
+
 def is_adapter(path: str | Path) -> bool:
     """Whether a saved value model's body is a PEFT adapter (``peft=lora_multi_adapter``), not a model."""
     return (Path(path) / ADAPTER_CONFIG_FILE).exists()
@@ -313,6 +319,16 @@ def response_values(critic: ValueModel, rollouts: Rollouts) -> Tensor:
     prompt_len = rollouts.prompt_ids.shape[1]
     values = critic(rollouts.input_ids, rollouts.attention_mask)  # [B, P + T]
     return values[:, prompt_len - 1 : -1] * rollouts.response_mask
+
+
+def sequence_values(critic: ValueModel, rollouts: Rollouts) -> Tensor:
+    """One value per sequence, [B]: the values at every prompt and response position averaged, pads
+    masked (ColossalAI-Chat's coati critic)."""
+    mask = rollouts.attention_mask  # [B, P + T]
+    return masked_mean(critic(rollouts.input_ids, mask), mask, dim=1)
+
+
+CRITIC_VALUES = {"token": response_values, "sequence": sequence_values}  # by Algorithm.values_per
 
 
 # --------------------------------------------------------------------------- the policy stack
@@ -344,7 +360,8 @@ class PolicyStack(nn.Module):
     differ from 1 and the KL to the reference non-zero at step 0. With ``gradient_checkpointing``
     the loss pass (``forward``) alone runs actor and critic in train mode, the one mode in which
     transformers recomputes a layer's activations in backward; their dropout is switched off,
-    so that pass computes what eval mode does.
+    so that pass computes what eval mode does. ``values_per`` is how the algorithm reads the critic
+    (``Algorithm.values_per``): per response token, or one value per sequence.
     """
 
     def __init__(
@@ -354,10 +371,14 @@ class PolicyStack(nn.Module):
         reward: ValueModel,
         critic: ValueModel | None = None,
         gradient_checkpointing: bool = False,
+        values_per: str = "token",
     ):
         super().__init__()
+        if values_per not in CRITIC_VALUES:
+            raise ValueError(f"values_per={values_per!r}: expected one of {list(CRITIC_VALUES)}")
         self.actor = actor.eval()
         self.critic = critic.eval() if critic is not None else None
+        self.values_per = values_per
         self.checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             for model in self.trainable_models():
@@ -391,14 +412,18 @@ class PolicyStack(nn.Module):
         return [self.actor] + ([self.critic.body] if self.critic is not None else [])
 
     def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        """The loss pass: log-probs and entropy of the responses [B, T], and values when asked."""
+        """The loss pass: log-probs and entropy of the responses [B, T], and critic values when asked."""
         if values and self.critic is None:
             raise RuntimeError("values were asked for but this policy stack has no critic")
         with self.checkpointed():
             logprobs, entropy = response_logprobs(self.actor, rollouts)
             if not values:
                 return PolicyOutput(logprobs, entropy)
-            return PolicyOutput(logprobs, entropy, response_values(self.critic, rollouts))
+            return PolicyOutput(logprobs, entropy, self.critic_values(rollouts))
+
+    def critic_values(self, rollouts: Rollouts) -> Tensor:
+        """The critic's values as the algorithm reads them: [B, T], or [B] per sequence."""
+        return CRITIC_VALUES[self.values_per](self.critic, rollouts)
 
     @contextmanager
     def checkpointed(self) -> Iterator[None]:
@@ -485,25 +510,29 @@ def load_safetensors(model: nn.Module, folder: Path, skip: tuple[str, ...] = ())
 
 
 def build_policy_stack(
-    sft_path: str | Path, reward_path: str | Path, needs_critic: bool, critic_init: str, model_cfg
+    sft_path: str | Path,
+    reward_path: str | Path,
+    critic_from: str | Path | None,
+    model_cfg,
+    values_per: str = "token",
 ) -> PolicyStack:
     """Load the four roles from the SFT and reward-model artifacts: full models (``peft=none``), or,
-    when the reward model is a LoRA adapter (``peft=lora_multi_adapter``), one base with adapters."""
+    when the reward model is a LoRA adapter (``peft=lora_multi_adapter``), one base with adapters.
+
+    ``critic_from`` is where the critic starts (``critic.init``, resolved by ``prepare_stages``): a
+    reward-model artifact, whose body and head it copies, or the SFT model, whose body it takes under
+    a fresh head; None: no critic. ``values_per``: see ``PolicyStack``."""
     if is_adapter(reward_path):
         from backbone.lora import build_lora_policy_stack  # backbone.lora builds on this module
 
-        return build_lora_policy_stack(sft_path, reward_path, needs_critic, critic_init, model_cfg)
+        return build_lora_policy_stack(sft_path, reward_path, critic_from, model_cfg, values_per)
     kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code}
     actor = load_causal_lm(sft_path, **kwargs)
     reference = load_causal_lm(sft_path, **kwargs)
     reward = ValueModel.from_pretrained(reward_path, **kwargs)
     critic = None
-    if needs_critic:
-        if critic_init == "reward":
-            # the critic starts as a copy of the reward model (body and head)
-            critic = ValueModel.from_pretrained(reward_path, **kwargs)
-        elif critic_init == "sft":
-            critic = ValueModel.from_causal_lm(sft_path, pooling=reward.pooling, **kwargs)
-        else:
-            raise ValueError(f"critic.init={critic_init!r}: expected 'reward' or 'sft'")
-    return PolicyStack(actor, reference, reward, critic, model_cfg.gradient_checkpointing)
+    if critic_from is not None and is_value_model(critic_from):
+        critic = ValueModel.from_pretrained(critic_from, **kwargs)
+    elif critic_from is not None:
+        critic = ValueModel.from_causal_lm(critic_from, pooling=reward.pooling, **kwargs)
+    return PolicyStack(actor, reference, reward, critic, model_cfg.gradient_checkpointing, values_per)

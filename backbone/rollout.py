@@ -21,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from backbone.batch import Rollouts
 from backbone.kl import exact_kl, kl_estimate
-from backbone.models import PolicyStack, response_values
+from backbone.models import PolicyStack
 from backbone.reward import RewardShaper
 from backbone.tasks.base import Task
 from backbone.timing import PhaseTimer
@@ -217,7 +217,7 @@ class RolloutCollector:
         rollouts.kl = kl_estimate(rollouts.logprobs, rollouts.ref_logprobs, self.kl_estimator) * response_mask
         if with_values:
             with self.timer.phase("critic_forward"):
-                rollouts.values = response_values(self.stack.critic, rollouts)  # [B, T]
+                rollouts.values = self.stack.critic_values(rollouts)  # [B, T], or [B] per sequence
         with self.timer.phase("reward_forward"):
             rollouts.scores = self.stack.score(rollouts)  # [B]
         rollouts.rewards = self.shaper(rollouts.scores, ended, update=update_stats)  # [B]

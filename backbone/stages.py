@@ -6,7 +6,9 @@ the stage configs trains them once and starts RL from the very same SFT model an
 model. Each artifact folder holds the tokenizer, the model (``save_pretrained``,
 safetensors) and ``metrics.json`` (the stage's final metrics and wall time). Under
 ``peft=lora_multi_adapter`` SFT still trains the full weights, and the reward model is a LoRA
-adapter on the SFT model (PEFT's format) beside its value head.
+adapter on the SFT model (PEFT's format) beside its value head. A critic may start from a reward
+model of another pooling than the reward's (``critic.init=reward_mean``, say): the same stage with
+only the pooling changed, a second artifact built once and shared like the first.
 
 Sequences follow the layout of ``backbone.batch``: prompt left-padded, response (closed
 by EOS) right-padded, so every response of a batch starts at the same column.
@@ -55,6 +57,8 @@ METRICS_FILE = "metrics.json"
 STAGES_VERSION = 1
 # the reward model's score statistics on chosen responses use at most this many train pairs
 CHOSEN_STATS_MAX = 4096
+# where the critic starts: the run's reward model, a reward model of that pooling, or the SFT model
+CRITIC_INITS = ("reward", "reward_last", "reward_mean", "sft")
 
 
 @dataclass
@@ -64,6 +68,7 @@ class StageArtifacts:
     base: str | Path  # an artifact folder for the tiny model, else the model's name_or_path
     sft: Path
     reward: Path
+    critic: Path  # where a critic starts (critic.init): a reward-model artifact, or the SFT model
     sft_metrics: dict
     rm_metrics: dict
 
@@ -332,15 +337,22 @@ def _score_all(model: ValueModel, pairs: Pairs, pad: int, device: torch.device, 
 
 
 def train_reward_model(
-    cfg: DictConfig, task: Task, init_path: str | Path, out_dir: str | Path, log: Log
+    cfg: DictConfig,
+    task: Task,
+    init_path: str | Path,
+    out_dir: str | Path,
+    log: Log,
+    pooling: str | None = None,
 ) -> dict:
     """Train a pairwise reward model from ``init_path`` (a causal LM); save it with its score statistics.
+    It scores with ``pooling`` (last or mean; None: ``reward.pooling``).
 
     Held-out metrics: pairwise accuracy and, when the task has a gold reward, the Spearman
     correlation between score and gold over the held-out chosen and rejected responses.
     """
     started = time.perf_counter()
     rm_cfg = cfg.reward_model
+    pooling = pooling or cfg.reward.pooling
     train_rows = _require(task.preference_pairs("train"), task, "preference", "train")
     eval_rows = _require(task.preference_pairs("eval"), task, "preference", "eval")
     device = resolve_device(cfg.engine.device)
@@ -348,7 +360,7 @@ def train_reward_model(
     tokenizer = load_tokenizer(init_path, cfg.model.trust_remote_code)
     model = ValueModel.from_causal_lm(
         init_path,
-        pooling=cfg.reward.pooling,
+        pooling=pooling,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -389,7 +401,7 @@ def train_reward_model(
     # alpaca-rlhf normalises RL rewards with the reward model's statistics on chosen responses
     stats = _score_all(model, chosen[:CHOSEN_STATS_MAX], pad, device, 2 * rm_cfg.batch_size)
     chosen_mean, chosen_std = stats.mean().item(), stats.std().item()
-    model.save_pretrained(out_dir, pooling=cfg.reward.pooling, chosen_mean=chosen_mean, chosen_std=chosen_std)
+    model.save_pretrained(out_dir, pooling=pooling, chosen_mean=chosen_mean, chosen_std=chosen_std)
     tokenizer.save_pretrained(out_dir)
     metrics = {
         **final,
@@ -409,19 +421,32 @@ def _read_metrics(folder: Path) -> dict:
 
 
 def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
-    """Build or reuse base, SFT and reward model; each one's rows go to ``log`` only when it is built."""
+    """Build or reuse base, SFT and reward model (and the reward model a critic starts from, when its
+    pooling differs); each one's rows go to ``log`` only when it is built."""
     if cfg.reward_model.init not in ("sft", "base"):
         raise ValueError(f"reward_model.init={cfg.reward_model.init!r}: expected 'sft' or 'base'")
+    if cfg.critic.init not in CRITIC_INITS:
+        raise ValueError(f"critic.init={cfg.critic.init!r}: expected one of {list(CRITIC_INITS)}")
     root = cfg.paths.artifacts
     base_key = _base_key(cfg)
     base = build_base(cfg, task)
     sft_key = {"base": base_key, "sft": cfg.sft}
     sft = get_or_build(root, "sft", sft_key, lambda folder: train_sft(cfg, task, base, folder, log))
     init_key, init_path = (sft_key, sft) if cfg.reward_model.init == "sft" else (base_key, base)
-    rm_key = {"init": init_key, "reward_model": cfg.reward_model, "pooling": cfg.reward.pooling}
-    if cfg.peft.mode != "none":  # a LoRA reward model is another artifact (peft=none keeps its key)
-        rm_key["peft"] = cfg.peft
-    reward = get_or_build(
-        root, "reward", rm_key, lambda folder: train_reward_model(cfg, task, init_path, folder, log)
-    )
-    return StageArtifacts(base, sft, reward, _read_metrics(sft), _read_metrics(reward))
+
+    def reward_model(pooling: str, rows: Log) -> Path:
+        # the same stage config, seed included, for every pooling: the models differ in it alone
+        key = {"init": init_key, "reward_model": cfg.reward_model, "pooling": pooling}
+        if cfg.peft.mode != "none":  # a LoRA reward model is another artifact (peft=none keeps its key)
+            key["peft"] = cfg.peft
+        return get_or_build(
+            root, "reward", key, lambda out: train_reward_model(cfg, task, init_path, out, rows, pooling)
+        )
+
+    reward = reward_model(cfg.reward.pooling, log)
+    critic = {"reward": reward, "sft": sft}.get(cfg.critic.init)
+    if critic is None:  # reward_last | reward_mean: the reward's own artifact when the poolings agree
+        pooling = cfg.critic.init.removeprefix("reward_")
+        # its rows as critic_rm/..., beside the reward's rm/... in one history
+        critic = reward_model(pooling, lambda row: log({f"critic_{k}": v for k, v in row.items()}))
+    return StageArtifacts(base, sft, reward, critic, _read_metrics(sft), _read_metrics(reward))

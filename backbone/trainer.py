@@ -387,7 +387,8 @@ class Trainer:
 
     def update(self, batch: Batch) -> dict[str, float]:
         """E epochs over the batch in minibatches that keep each prompt's samples together; steps
-        with a non-finite loss or gradient are skipped and counted (``train/nonfinite_steps``)."""
+        with a non-finite loss or gradient are skipped and counted (``train/nonfinite_steps``).
+        The row holds the minibatch statistics averaged over steps, and the batch's own (``Batch.stats``)."""
         sums: dict[str, float | torch.Tensor] = defaultdict(float)  # tensors stay on the device until the end
         steps = skipped = 0
         trained = 0  # this rank's tokens through forward and backward; a device tensor until the end
@@ -416,6 +417,7 @@ class Trainer:
         # one read and one all-reduce per update, not per step (ranks take the same steps)
         self.tokens_trained += int(distributed.sum_over_ranks(int(trained)))
         row = {key: float(value) / steps for key, value in sums.items()}
+        row.update({f"train/{key}": float(value) for key, value in batch.stats.items()})
         row["train/nonfinite_steps"] = skipped
         row.update({f"train/lr/{name}": lr for name, lr in self.engine.learning_rates().items()})
         return row

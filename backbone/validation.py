@@ -17,6 +17,7 @@ from backbone import distributed
 from backbone.config import CriticConfig
 from backbone.kl import ESTIMATORS
 from backbone.reward import NORMALIZE_MODES
+from backbone.stages import CRITIC_INITS
 
 CHOICES = {
     "seed_scope": ("pipeline", "rl"),
@@ -26,7 +27,7 @@ CHOICES = {
     "reward.normalize": NORMALIZE_MODES,
     "reward.pooling": ("last", "mean"),
     "optim.scheduler": ("constant", "linear", "cosine"),
-    "critic.init": ("reward", "sft"),
+    "critic.init": CRITIC_INITS,
     "reward_model.init": ("sft", "base"),
     # what this version builds: other policy stacks and engines are configs without code yet
     "peft.mode": ("none", "lora_multi_adapter"),

@@ -619,7 +619,7 @@ def measure_memory(sft: str, reward: str | None, cfg_container: dict) -> dict[st
         with torch.no_grad():
             response_logprobs(model, random_minibatch(model.config.vocab_size, cfg, device))
         return {"tensor_bytes": distinct_bytes(model), "rollout_peak_bytes": peak_bytes(device) - before}
-    stack = build_policy_stack(sft, reward, True, "reward", cfg.model).to(device)
+    stack = build_policy_stack(sft, reward, reward, cfg.model).to(device)  # the critic from the reward model
     rollouts = random_minibatch(stack.actor.config.vocab_size, cfg, device)
     rollout_passes(stack, rollouts)
     rollout_peak = peak_bytes(device) - before

@@ -150,12 +150,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         # wall-clock is only comparable at equal threads
         tracker.summary({**identity, "cpu_threads": torch.get_num_threads()})
         stages = prepare_stages(cfg, task, tracker.log)
+        artifacts = {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name}
+        if algorithm.needs_critic:
+            artifacts["critic"] = Path(stages.critic).name  # where the critic starts
         tracker.summary(
-            {
-                "sft": stages.sft_metrics,
-                "reward_model": stages.rm_metrics,
-                "artifacts": {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name},
-            }
+            {"sft": stages.sft_metrics, "reward_model": stages.rm_metrics, "artifacts": artifacts}
         )
         # the frontier's reference curve: best_of_n.json in the run folder, cached per SFT and reward
         # model, its own RNG stream; a reference, not a history row. A tuned sweep's stage jobs build it
@@ -191,9 +190,8 @@ def build_collector(
 ) -> RolloutCollector:
     """The four roles from the stage artifacts, the reward shaping, and the collector over them."""
     tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
-    stack = build_policy_stack(
-        stages.sft, stages.reward, algorithm.needs_critic, cfg.critic.init, cfg.model
-    ).to(device)
+    critic = stages.critic if algorithm.needs_critic else None
+    stack = build_policy_stack(stages.sft, stages.reward, critic, cfg.model, algorithm.values_per).to(device)
     meta = stack.reward.metadata
     shaper = RewardShaper(
         normalize=cfg.reward.normalize,

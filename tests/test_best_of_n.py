@@ -112,7 +112,7 @@ def test_cached_per_sft_and_reward_model(setup, tmp_path, monkeypatch):  # noqa:
     stack.actor.save_pretrained(sft)
     tokenizer.save_pretrained(sft)
     ValueModel.from_causal_lm(sft).save_pretrained(reward)
-    stages = StageArtifacts(sft, sft, reward, {}, {})
+    stages = StageArtifacts(sft, sft, reward, reward, {}, {})
     overrides = ["frontier.best_of_n=4", "frontier.prompts=2", "rollout.max_new_tokens=8"]
     overrides += ["model.max_length=48", f"paths.artifacts={tmp_path / 'artifacts'}"]
     cfg = compose_config(overrides)

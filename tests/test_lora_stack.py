@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_checkpointed_loss_pass_matches, read_history, run_entry
+from conftest import assert_checkpointed_loss_pass_matches, read_history, read_summary, run_entry
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from test_ppo_gae import make_algorithm
 from test_resume import comparable, fault_run
@@ -26,6 +27,7 @@ from backbone.models import (
     load_causal_lm,
     load_tokenizer,
     train_word_tokenizer,
+    value_metadata,
 )
 from backbone.reward import RewardShaper
 from backbone.rollout import RolloutCollector
@@ -64,14 +66,14 @@ def sft(tmp_path_factory, task) -> Path:
     return path
 
 
-def reward_artifact(sft: Path, folder: Path, trained: bool) -> Path:
+def reward_artifact(sft: Path, folder: Path, trained: bool, pooling: str = "last", seed: int = 1) -> Path:
     """A LoRA reward model as the reward-model stage saves it: adapter (random when ``trained``, else
     LoRA's zero start) and head."""
-    torch.manual_seed(1)
-    rm = ValueModel.from_causal_lm(sft)
+    torch.manual_seed(seed)
+    rm = ValueModel.from_causal_lm(sft, pooling)
     rm.body = add_lora(rm.body, PEFT)
     if trained:
-        randomize(adapter_parameters(rm.body, "default"), seed=2)
+        randomize(adapter_parameters(rm.body, "default"), seed=seed + 1)
     rm.save_pretrained(folder, chosen_mean=0.5, chosen_std=2.0)
     return folder
 
@@ -109,7 +111,7 @@ def snapshot(stack: LoraPolicyStack) -> dict[str, torch.Tensor]:
 
 
 def test_one_base_holds_every_role_and_only_actor_and_critic_train(sft, trained_rm):
-    stack = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
+    stack = build_policy_stack(sft, trained_rm, trained_rm, MODEL)
     assert isinstance(stack, LoraPolicyStack)
     assert set(stack.adapters.peft.peft_config) == {"actor", "critic", "reward"}
     assert requires_grad_by_adapter(stack) == {"actor": True, "critic": True, "reward": False}
@@ -123,14 +125,16 @@ def test_one_base_holds_every_role_and_only_actor_and_critic_train(sft, trained_
     assert one_model < held < 1.1 * one_model
 
 
+@pytest.mark.parametrize("values_per", ["token", "sequence"])
 @pytest.mark.parametrize("critic_init", ["reward", "sft"])
-def test_zero_adapters_give_the_outputs_of_separate_full_models(sft, zero_rm, task, critic_init):
-    stack = build_policy_stack(sft, zero_rm, True, critic_init, MODEL)
+def test_zero_adapters_give_the_outputs_of_separate_full_models(sft, zero_rm, task, critic_init, values_per):
+    critic_from = {"reward": zero_rm, "sft": sft}[critic_init]
+    stack = build_policy_stack(sft, zero_rm, critic_from, MODEL, values_per)
     # full models on the same SFT base, with the LoRA roles' heads
     reward, critic = ValueModel.from_causal_lm(sft), ValueModel.from_causal_lm(sft)
     reward.load_head(zero_rm)
     critic.head.load_state_dict(stack.critic.head.state_dict())
-    full = PolicyStack(load_causal_lm(sft), load_causal_lm(sft), reward, critic)
+    full = PolicyStack(load_causal_lm(sft), load_causal_lm(sft), reward, critic, values_per=values_per)
     rollouts = collect(stack, sft, task)
     torch.testing.assert_close(rollouts.logprobs, full.old_logprobs(rollouts), rtol=0, atol=0)
     torch.testing.assert_close(rollouts.ref_logprobs, full.reference_logprobs(rollouts), rtol=0, atol=0)
@@ -139,8 +143,27 @@ def test_zero_adapters_give_the_outputs_of_separate_full_models(sft, zero_rm, ta
     torch.testing.assert_close(rollouts.values, full(rollouts, values=True).values.detach(), rtol=0, atol=0)
 
 
+def test_a_critic_adapter_starts_from_a_reward_model_of_another_pooling(sft, trained_rm, task, tmp_path):
+    """critic.init=reward_mean under LoRA: the critic is the mean-pooled artifact's adapter and head, the
+    reward the last-token artifact's, and the scores are the last-token reward model's alone."""
+    mean_rm = reward_artifact(sft, tmp_path / "mean", trained=True, pooling="mean", seed=7)
+    stack = build_policy_stack(sft, trained_rm, mean_rm, MODEL, "sequence")
+    assert (stack.reward.pooling, stack.critic.pooling) == ("last", "mean")
+    for role, model, folder in (("critic", stack.critic, mean_rm), ("reward", stack.reward, trained_rm)):
+        saved = load_file(folder / "adapter_model.safetensors")
+        ours = get_peft_model_state_dict(stack.adapters.peft, adapter_name=role)
+        assert ours.keys() == saved.keys() and all(torch.equal(ours[k], saved[k]) for k in saved), role
+        head = load_file(folder / "value_head.safetensors")
+        assert all(torch.equal(model.head.state_dict()[k], v) for k, v in head.items()), role
+    assert requires_grad_by_adapter(stack) == {"actor": True, "critic": True, "reward": False}
+    rollouts = collect(stack, sft, task)
+    assert rollouts.values.shape == (8,)  # one value per sequence
+    reward_only = build_policy_stack(sft, trained_rm, None, MODEL)
+    torch.testing.assert_close(rollouts.scores, reward_only.score(rollouts), rtol=0, atol=0)
+
+
 def test_the_reference_is_the_base_with_adapters_disabled(sft, trained_rm, task):
-    stack = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
+    stack = build_policy_stack(sft, trained_rm, trained_rm, MODEL)
     randomize(adapter_parameters(stack.adapters.peft, "actor"), seed=3)
     rollouts = collect(stack, sft, task)
     base = PolicyStack(load_causal_lm(sft), load_causal_lm(sft), ValueModel.from_causal_lm(sft))
@@ -152,7 +175,7 @@ def test_the_reference_is_the_base_with_adapters_disabled(sft, trained_rm, task)
 
 
 def test_an_update_reaches_only_the_actor_and_critic_adapters(sft, trained_rm, task):
-    stack = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
+    stack = build_policy_stack(sft, trained_rm, trained_rm, MODEL)
     algorithm = make_algorithm(lr=1e-2, ppo_epochs=1, minibatch_size=8)
     groups = stack.parameter_groups(1e-2)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -175,15 +198,15 @@ def test_an_update_reaches_only_the_actor_and_critic_adapters(sft, trained_rm, t
 
 
 def test_gradient_checkpointing_on_the_shared_base(sft, trained_rm, task):
-    plain = build_policy_stack(sft, trained_rm, True, "reward", MODEL)
+    plain = build_policy_stack(sft, trained_rm, trained_rm, MODEL)
     checkpointed = build_policy_stack(
-        sft, trained_rm, True, "reward", SimpleNamespace(**{**vars(MODEL), "gradient_checkpointing": True})
+        sft, trained_rm, trained_rm, SimpleNamespace(**{**vars(MODEL), "gradient_checkpointing": True})
     )
     assert_checkpointed_loss_pass_matches(plain, checkpointed, collect(plain, sft, task))
 
 
 def test_the_ema_follows_the_actor_adapter_alone(sft, trained_rm, task):
-    stack = build_policy_stack(sft, trained_rm, False, "reward", MODEL)
+    stack = build_policy_stack(sft, trained_rm, None, MODEL)
     adapter = adapter_parameters(stack.adapters.peft, "actor")
     ema = EMA(stack.role_parameters("actor"), decay=0.5)
     assert sum(e.numel() for e in ema.shadow) == sum(p.numel() for p in adapter)  # no copy of the base
@@ -200,7 +223,7 @@ def test_the_ema_follows_the_actor_adapter_alone(sft, trained_rm, task):
 
 
 def test_saved_trainable_weights_restore_exactly_into_a_fresh_stack(sft, trained_rm, tmp_path):
-    stack = build_policy_stack(sft, trained_rm, True, "sft", MODEL)
+    stack = build_policy_stack(sft, trained_rm, sft, MODEL)
     peft = stack.adapters.peft
     randomize([*adapter_parameters(peft, "actor"), *adapter_parameters(peft, "critic")], seed=4)
     randomize(list(stack.critic.head.parameters()), seed=5)
@@ -210,7 +233,7 @@ def test_saved_trainable_weights_restore_exactly_into_a_fresh_stack(sft, trained
     }
     assert (tmp_path / "actor" / "adapter_model.safetensors").exists()
 
-    fresh = build_policy_stack(sft, trained_rm, True, "sft", MODEL)
+    fresh = build_policy_stack(sft, trained_rm, sft, MODEL)
     before = {n: p.detach().clone() for n, p in snapshot(fresh).items()}
     restore_weights(fresh, tmp_path)
     assert all(torch.equal(p, snapshot(stack)[n]) for n, p in snapshot(fresh).items())
@@ -255,6 +278,18 @@ def test_rrhf_runs_end_to_end_on_adapters(tmp_path, artifacts_dir):
     assert (checkpoint / "actor" / "adapter_model.safetensors").exists() and not (
         checkpoint / "critic"
     ).exists()
+
+
+def test_coatis_critic_from_a_mean_pooled_reward_adapter_runs_end_to_end(tmp_path, artifacts_dir):
+    extra = ["algorithm=ppo_sampled", "algorithm.baseline=critic_coati", "critic.init=reward_mean"]
+    run_entry(lora_args(artifacts_dir, tmp_path, *extra, "iterations=1"), cwd=tmp_path)
+    rows = [r for r in read_history(tmp_path) if "iteration" in r]
+    assert {"train/value_loss", "train/advantage_std"} <= set(rows[1])
+    artifacts = read_summary(tmp_path)["artifacts"]
+    critic, reward = artifacts_dir / artifacts["critic"], artifacts_dir / artifacts["reward"]
+    assert (critic / "adapter_config.json").exists() and value_metadata(critic)["pooling"] == "mean"
+    assert value_metadata(reward)["pooling"] == "last"
+    assert (tmp_path / "checkpoints" / "iter-000001" / "critic" / "adapter_model.safetensors").exists()
 
 
 def test_a_killed_lora_run_resumes_exactly(tmp_path, artifacts_dir, ppo_gae_run):

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,6 +17,7 @@ from backbone.models import (
     pad_pairs,
     position_ids,
     response_logprobs,
+    sequence_values,
     train_word_tokenizer,
 )
 
@@ -136,3 +138,57 @@ def test_policy_stack_trains_only_actor_and_critic(tmp_path):
     assert out.values.shape == out.logprobs.shape
     # identical weights: the reference agrees with the actor exactly (KL 0 at step 0)
     torch.testing.assert_close(stack.reference_logprobs(rollouts), out.logprobs.detach())
+
+
+def test_sequence_value_averages_prompt_and_response_positions_and_skips_pads():
+    """coati's critic value on hand-made per-position values: a loop over each row's valid tokens."""
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])  # left-padded
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])  # right-padded after EOS
+    attention = torch.cat([prompt_mask, response_mask], dim=1)  # [B, P + T]
+    values = torch.randn(attention.shape, generator=torch.Generator().manual_seed(0))
+    values = torch.where(attention.bool(), values, torch.full_like(values, 1e4))  # pads must not count
+    rollouts = Rollouts(
+        prompt_ids=torch.zeros_like(prompt_mask),
+        prompt_mask=prompt_mask,
+        response_ids=torch.ones_like(response_mask),
+        response_mask=response_mask,
+        **{key: torch.zeros(3) for key in ("group", "logprobs", "ref_logprobs", "kl", "scores", "rewards")},
+    )
+    calls = []
+
+    def critic(input_ids, attention_mask):  # a value model: [B, P + T] -> per-position values
+        calls.append((input_ids, attention_mask))
+        return values
+
+    expected = []
+    for b in range(3):
+        valid = [values[b, c].item() for c in range(attention.shape[1]) if attention[b, c]]
+        expected.append(sum(valid) / len(valid))
+    torch.testing.assert_close(sequence_values(critic, rollouts), torch.tensor(expected))
+    ((input_ids, mask),) = calls
+    assert torch.equal(input_ids, rollouts.input_ids) and torch.equal(mask, attention)
+
+
+def test_a_stack_reading_sequence_values_matches_each_unpadded_sequence(tmp_path):
+    """Padding changes nothing: each row's value is the mean of the critic's values over its own
+    unpadded tokens, prompt and response; the loss pass gives it with a gradient."""
+    tokenizer, actor = tiny(tmp_path)
+    torch.manual_seed(1)
+    critic = ValueModel.from_causal_lm(tmp_path)
+    stack = PolicyStack(
+        actor, load_causal_lm(tmp_path), ValueModel.from_causal_lm(tmp_path), critic, values_per="sequence"
+    )
+    pairs = [("review of the kettle :", "the kettle is good ."), ("the kettle :", "good .")]
+    rollouts = rollouts_from(tokenizer, pairs)
+    out = stack(rollouts, values=True)
+    assert out.values.shape == (2,) and out.values.requires_grad
+    with torch.no_grad():
+        for b, (prompt, response) in enumerate(pairs):
+            ids = tokenizer(f"{prompt} {response}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[*ids, tokenizer.eos_token_id]])
+            per_token = critic(ids, torch.ones_like(ids))[0]
+            expected = sum(per_token[c].item() for c in range(ids.shape[1])) / ids.shape[1]
+            assert out.values[b].item() == pytest.approx(expected, abs=1e-5)
+        torch.testing.assert_close(stack.critic_values(rollouts), out.values.detach())
+    with pytest.raises(ValueError, match="values_per='last'"):
+        PolicyStack(actor, load_causal_lm(tmp_path), critic, critic, values_per="last")

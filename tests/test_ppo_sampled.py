@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algorithms.base import PolicyOutput
-from algorithms.ppo_sampled import PPOSampled, group_mean_baseline, leave_one_out_baseline
+from algorithms.ppo_sampled import BASELINES, PPOSampled, group_mean_baseline, leave_one_out_baseline
 from backbone.batch import Rollouts
 from backbone.config import PPOSampledConfig
 
@@ -20,10 +20,12 @@ T = 5
 
 
 def make_rollouts(
-    group: torch.Tensor = GROUP, lengths: list[int] = LENGTHS, kl_coef: float = 0.1, values: bool = False
+    group: torch.Tensor = GROUP, lengths: list[int] = LENGTHS, kl_coef: float = 0.1, values: str | None = None
 ) -> Rollouts:
+    """``values``: the critic's, per response token (``token``, [B, T]) or per sequence ([B])."""
     g = torch.Generator().manual_seed(0)
     b = len(group)
+    shape = {"token": (b, T), "sequence": (b,)}
     mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])  # [B, T]
     kl = torch.rand(b, T, generator=g)  # garbage on pads too: only valid tokens may count
     return Rollouts(
@@ -38,7 +40,7 @@ def make_rollouts(
         scores=torch.randn(b, generator=g),
         rewards=torch.randn(b, generator=g),
         kl_coef=kl_coef,
-        values=torch.randn(b, T, generator=g) if values else None,
+        values=torch.randn(shape[values], generator=g) if values else None,
     )
 
 
@@ -85,6 +87,21 @@ def ref_leave_one_out(rewards: list[float], group: list[int]) -> list[float]:
         others = [rewards[j] for j in range(len(rewards)) if group[j] == group[i] and j != i]
         out.append(sum(others) / len(others))
     return out
+
+
+def ref_baselines(baseline: str, r: Rollouts) -> list[float]:
+    """b_i of each baseline: the group references, or the critic's value the baseline reads."""
+    seq, group = ref_seq_rewards(r), r.group.tolist()
+    if baseline == "sampled_mean":
+        return ref_group_mean(seq, group)
+    if baseline == "leave_one_out":
+        return ref_leave_one_out(seq, group)
+    if baseline == "critic":
+        return [r.values[i, 0].item() for i in range(len(r))]  # V(prompt): the first response position
+    return [r.values[i].item() for i in range(len(r))]  # critic_coati: one value per sequence
+
+
+CRITIC_VALUES = {"critic": "token", "critic_coati": "sequence"}
 
 
 def ref_policy_loss(lp, olp, adv: list[float], mask, eps: float) -> tuple[float, float]:
@@ -153,7 +170,10 @@ def test_constructor_takes_exactly_the_config_fields():
 def test_constructor_validates_and_sets_critic_flag():
     with pytest.raises(ValueError, match="baseline must be one of"):
         make_algo(baseline="median")
-    assert make_algo(samples_per_prompt=1, baseline="critic").needs_critic
+    critic = make_algo(samples_per_prompt=1, baseline="critic")
+    assert critic.needs_critic and critic.values_per == "token"
+    coati = make_algo(samples_per_prompt=1, baseline="critic_coati")  # coati samples one per prompt
+    assert coati.needs_critic and coati.values_per == "sequence"
     assert not make_algo(baseline="sampled_mean").needs_critic
     assert not make_algo(baseline="leave_one_out").needs_critic
     assert make_algo(samples_per_prompt=6).samples_per_prompt == 6
@@ -196,13 +216,29 @@ def test_whitening_is_optional_and_over_responses():
     torch.testing.assert_close(raw, torch.tensor(expected_raw))
 
 
-def test_critic_baseline_is_the_value_of_the_prompt_state():
-    rollouts = make_rollouts(values=True)
-    batch = make_algo(baseline="critic").prepare(rollouts)
-    torch.testing.assert_close(batch["baselines"], rollouts.values[:, 0])
-    torch.testing.assert_close(
-        batch["advantages"], torch.tensor(ref_seq_rewards(rollouts)) - rollouts.values[:, 0]
-    )
+@pytest.mark.parametrize("baseline", ["critic", "critic_coati"])
+def test_critic_baselines_read_the_prompt_value_or_the_sequence_value(baseline):
+    rollouts = make_rollouts(values=CRITIC_VALUES[baseline])
+    batch = make_algo(baseline=baseline).prepare(rollouts)
+    base = ref_baselines(baseline, rollouts)
+    torch.testing.assert_close(batch["baselines"], torch.tensor(base))
+    seq = ref_seq_rewards(rollouts)
+    torch.testing.assert_close(batch["advantages"], torch.tensor([s - b for s, b in zip(seq, base)]))
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_every_baseline_logs_the_raw_advantage_std_of_the_whole_batch(baseline, whiten):
+    """One metric for every arm: population std (and mean) of R - b over the batch, before whitening."""
+    rollouts = make_rollouts(values=CRITIC_VALUES.get(baseline))
+    batch = make_algo(baseline=baseline, whiten_advantages=whiten).prepare(rollouts)
+    raw = [s - b for s, b in zip(ref_seq_rewards(rollouts), ref_baselines(baseline, rollouts))]
+    mean = sum(raw) / len(raw)
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / len(raw))
+    assert batch.stats.keys() == {"advantage_mean", "advantage_std"}
+    assert batch.stats["advantage_mean"].item() == pytest.approx(mean, abs=1e-6)
+    assert batch.stats["advantage_std"].item() == pytest.approx(std, rel=1e-5)
+    assert batch.stats["advantage_std"].item() != pytest.approx(1.0, abs=1e-2)  # not the whitened std
 
 
 # --------------------------------------------------------------------------- loss
@@ -228,7 +264,6 @@ def test_policy_loss_matches_loop_with_pads_and_clipped_ratios():
     assert policy.asked_values == [False]
     mask = rollouts.response_mask.float()
     assert stats["entropy"] == pytest.approx(((policy.entropy * mask).sum() / mask.sum()).item(), rel=1e-6)
-    assert stats["advantage_std"] == pytest.approx(batch["advantages"].std(correction=0).item())
     assert stats["baseline_mean"] == pytest.approx(batch["baselines"].mean().item())
     assert stats["sequence_reward_mean"] == pytest.approx(batch["seq_rewards"].mean().item())
     assert {"approx_kl", "clipfrac", "entropy"} <= stats.keys()
@@ -252,9 +287,12 @@ def test_advantage_is_identical_over_the_tokens_of_a_response():
             assert policy.logprobs.grad[i, t].item() == pytest.approx(expected, abs=1e-7)
 
 
-def test_critic_mode_value_loss_on_the_first_response_position():
-    rollouts = make_rollouts(values=True)
-    algo = make_algo(baseline="critic", cliprange_value=0.2, vf_coef=0.5)
+@pytest.mark.parametrize("baseline", ["critic", "critic_coati"])
+def test_critic_value_loss_is_coatis_clipped_loss_where_the_baseline_reads(baseline):
+    """L_vf = 0.5 mean_i max((V_i - R_i)^2, (clip(V_i, V_old_i +- c) - R_i)^2) on the one value per
+    response the baseline reads: V(prompt) at the first response position, or coati's sequence value."""
+    rollouts = make_rollouts(values=CRITIC_VALUES[baseline])
+    algo = make_algo(baseline=baseline, cliprange_value=0.2, vf_coef=0.5)
     batch = algo.prepare(rollouts)
     g = torch.Generator().manual_seed(2)
     new_values = rollouts.values + 0.5 * torch.randn(rollouts.values.shape, generator=g)
@@ -262,14 +300,19 @@ def test_critic_mode_value_loss_on_the_first_response_position():
     loss, stats = algo.loss(policy, batch)
     assert policy.asked_values == [True]
 
-    seq = ref_seq_rewards(rollouts)
-    terms, clipped = [], 0
-    for i in range(len(rollouts)):
-        v, v_old = new_values[i, 0].item(), rollouts.values[i, 0].item()
+    def read(values, i):  # the value b_i is made of
+        return values[i, 0].item() if baseline == "critic" else values[i].item()
+
+    seq, n = ref_seq_rewards(rollouts), len(rollouts)
+    terms, grads, clipped = [], [], 0
+    for i in range(n):
+        v, v_old = read(new_values, i), read(rollouts.values, i)
         v_clip = min(max(v, v_old - 0.2), v_old + 0.2)
         terms.append(max((v - seq[i]) ** 2, (v_clip - seq[i]) ** 2))
-        clipped += (v_clip - seq[i]) ** 2 > (v - seq[i]) ** 2
-    value_loss = 0.5 * sum(terms) / len(terms)
+        is_clipped = (v_clip - seq[i]) ** 2 > (v - seq[i]) ** 2
+        clipped += is_clipped
+        grads.append(0.0 if is_clipped else 0.5 * (v - seq[i]) / n)  # d(vf_coef L_vf)/dV_i
+    value_loss = 0.5 * sum(terms) / n
     assert 0 < clipped < len(rollouts)
     assert stats["value_loss"] == pytest.approx(value_loss, rel=1e-5)
     assert stats["value_clipfrac"] == pytest.approx(clipped / len(rollouts))
@@ -279,5 +322,8 @@ def test_critic_mode_value_loss_on_the_first_response_position():
     assert loss.item() == pytest.approx(policy_loss + 0.5 * value_loss, rel=1e-5)
 
     loss.backward()
-    assert policy.values.grad[:, 0].abs().sum() > 0
-    assert torch.all(policy.values.grad[:, 1:] == 0)  # only V(prompt) is fitted
+    grad = policy.values.grad
+    if baseline == "critic":
+        assert torch.all(grad[:, 1:] == 0)  # only V(prompt) is fitted
+        grad = grad[:, 0]
+    torch.testing.assert_close(grad, torch.tensor(grads))

@@ -276,7 +276,7 @@ def test_stages_and_a_rollout_from_a_pretrained_base(checkpoints, tmp_path, opti
     assert stages.sft_metrics["sft/train_examples"] == 8 and stages.rm_metrics["rm/train_pairs"] == 16
     tokenizer = load_tokenizer(stages.sft)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
-    stack = build_policy_stack(stages.sft, stages.reward, True, "reward", cfg.model)
+    stack = build_policy_stack(stages.sft, stages.reward, stages.critic, cfg.model)
     shaper = RewardShaper(normalize="none", clip=None, missing_eos_penalty=None)
     collector = RolloutCollector(stack, tokenizer, task, shaper, "k1", cfg.rollout, 64, torch.device("cpu"))
     rollouts = collector.collect(task.rl_prompts()[:2], samples_per_prompt=2, with_values=True)

@@ -9,6 +9,8 @@ import pytest
 from conftest import read_history, read_summary, run_entry
 from wandb_records import items_of, offline_records, records_of
 
+from backbone.models import value_metadata
+
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
     "task.n_sft_train=1500",
@@ -149,6 +151,7 @@ def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
     ("overrides", "train_key"),
     [
         (["algorithm=ppo_sampled", "algorithm.baseline=critic"], "train/value_loss"),
+        (["algorithm=ppo_sampled", "algorithm.baseline=critic_coati"], "train/value_loss"),
         (["algorithm=ppo_sampled", "algorithm.baseline=leave_one_out"], "train/baseline_mean"),
         (["algorithm=rrhf", "algorithm.mode=offline"], "train/rank_loss"),
         (["algorithm=rrhf", "algorithm.include_chosen=true"], "train/rank_loss"),
@@ -169,8 +172,28 @@ def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artif
     )
     rows = rl_rows(read_history(run_dir))
     assert all(train_key in r for r in rows[1:])
+    if "algorithm=ppo_sampled" in overrides:  # every baseline: the raw advantages' std
+        assert all(r["train/advantage_std"] > 0 for r in rows[1:])
     if "algorithm.mode=offline" in overrides:
         # the whole sample budget comes from the initial policy, before the first update
         assert [r["samples"] for r in rows] == [0, 16, 16]
     else:
         assert [r["samples"] for r in rows] == [0, 8, 16]
+
+
+def test_a_critic_from_the_mean_pooled_reward_model_keeps_the_last_token_reward(
+    tmp_path, artifacts_dir, single_run
+):
+    """critic.init=reward_mean builds a mean-pooled reward model for the critic; the reward is still the
+    last-token one: the same artifact and, before any update, the same scores as the default run's."""
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "critic.init=reward_mean", "iterations=1", "logger.mode=disabled"]
+    run_entry([*args, f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    artifacts, default = read_summary(run_dir)["artifacts"], read_summary(single_run)["artifacts"]
+    assert artifacts["reward"] == default["reward"] == default["critic"]
+    assert artifacts["critic"] != artifacts["reward"]
+    assert value_metadata(artifacts_dir / artifacts["reward"])["pooling"] == "last"
+    assert value_metadata(artifacts_dir / artifacts["critic"])["pooling"] == "mean"
+    ours, theirs = rl_rows(read_history(run_dir)), rl_rows(read_history(single_run))
+    for key, row in (("eval/reward_mean", 0), ("rollout/reward_mean", 1)):
+        assert ours[row][key] == theirs[row][key], key

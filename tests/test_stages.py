@@ -21,6 +21,7 @@ from backbone.models import (
     pad_pairs,
     train_word_tokenizer,
 )
+from backbone.rng import apply_seed_scope
 from backbone.stages import (
     METRICS_FILE,
     build_base,
@@ -198,6 +199,36 @@ def test_prepare_stages_builds_once_and_reuses(tmp_path):
         make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=2"), FakeTask(), rows.append
     )
     assert changed.sft == first.sft and changed.reward != first.reward
+
+
+def test_a_critic_from_another_pooling_gets_its_own_reward_model_and_the_reward_stays(tmp_path):
+    """critic.init=reward_mean: a second reward-model artifact, the same stage and pipeline seed with only
+    the pooling changed, built once; the run's reward stays the last-token reward model."""
+
+    def stages(*overrides: str):
+        cfg = make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=1", "seed=7", *overrides)
+        return prepare_stages(apply_seed_scope(cfg), FakeTask(), rows.append)
+
+    rows: list[dict] = []
+    plain = stages()
+    assert plain.critic == plain.reward  # critic.init=reward: a copy of the reward model itself
+    built = len(rows)
+    mean = stages("critic.init=reward_mean")
+    assert (mean.sft, mean.reward) == (plain.sft, plain.reward)
+    assert mean.critic != mean.reward
+    assert ValueModel.from_pretrained(mean.reward).pooling == "last"
+    assert ValueModel.from_pretrained(mean.critic).pooling == "mean"
+    reward_key, critic_key = (json.loads((f / "key.json").read_text()) for f in (mean.reward, mean.critic))
+    assert critic_key["reward_model"]["seed"] == reward_key["reward_model"]["seed"] == 7  # the pipeline's
+    assert critic_key == {**reward_key, "pooling": "mean"}
+    critic_rows = rows[built:]
+    assert critic_rows and all(key.startswith("critic_rm/") for row in critic_rows for key in row)
+    assert stages("critic.init=reward_mean").critic == mean.critic and len(rows) == built + len(critic_rows)
+    assert stages("critic.init=reward_last").critic == plain.reward  # the reward's own pooling: no build
+    assert stages("critic.init=sft").critic == plain.sft
+    assert len(rows) == built + len(critic_rows)
+    with pytest.raises(ValueError, match=r"critic.init='reward_max': expected one of"):
+        stages("critic.init=reward_max")
 
 
 @pytest.mark.parametrize(("empty", "stage"), [("train", "sft"), ("eval", "sft"), ("eval", "rm")])

@@ -38,6 +38,14 @@ def test_the_default_configs_pass():
         (["algorithm=rrhf", "algorithm.include_chosen=true", "algorithm.minibatch_size=81"], "batch of 80"),
         (["algorithm=rrhf", "optim.critic_lr=1e-4"], "optim.critic_lr=0.0001: rrhf trains no critic"),
         (["algorithm=rrhf", "critic.init=sft"], "critic.init='sft': rrhf trains no critic"),
+        (
+            ["algorithm=ppo_sampled", "critic.init=reward_mean"],
+            "critic.init='reward_mean': ppo_sampled trains",
+        ),
+        (
+            ["critic.init=reward_max"],
+            "critic.init='reward_max': expected one of ['reward', 'reward_last', 'reward_mean', 'sft']",
+        ),
         (["algorithm=ppo_sampled", "algorithm.vf_coef=1.0"], "algorithm.vf_coef=1.0: ppo_sampled trains no"),
         (["algorithm=ppo_sampled", "rollout.samples_per_iteration=30"], "not a multiple of algorithm.samp"),
         (["kl.estimator=k4"], "kl.estimator='k4': expected one of ['k1', 'k2', 'k3']"),
@@ -61,8 +69,12 @@ def test_every_problem_is_in_one_message():
     assert text.count("\n  - ") == 3
 
 
-def test_a_critic_option_is_fine_where_there_is_a_critic():
-    cfg = compose_config(["algorithm=ppo_sampled", "algorithm.baseline=critic", "algorithm.vf_coef=1.0"])
+@pytest.mark.parametrize("baseline", ["critic", "critic_coati"])
+@pytest.mark.parametrize("peft", ["none", "lora_multi_adapter"])
+def test_a_critic_option_is_fine_where_there_is_a_critic(baseline, peft):
+    """Either critic of ppo_sampled, started from a reward model of another pooling, in either stack."""
+    overrides = [f"algorithm.baseline={baseline}", "algorithm.vf_coef=1.0", "critic.init=reward_mean"]
+    cfg = compose_config(["algorithm=ppo_sampled", f"peft={peft}", *overrides])
     check_run_config(cfg, instantiate(cfg.algorithm))
 
 
