@@ -68,6 +68,26 @@ class PreferenceSourceConfig:
 
 
 @dataclass
+class PretrainCorpusConfig:
+    """The pretraining corpus of PTX (ptx.source=pretrain): a text dataset, one document per row."""
+
+    # load_dataset(path, config_name, data_files=..., data_dir=...): DeepSpeed-Chat's
+    # --unsupervised_dataset_name wikitext --unsupervised_dataset_config_name wikitext-2-raw-v1;
+    # null: the task has no pretraining corpus
+    path: str | None = None
+    config_name: str | None = None
+    data_files: Any = None
+    data_dir: str | None = None
+    # the column holding one document per row; blank rows are skipped
+    text_key: str = "text"
+    # the texts PTX trains on, and the held-out ones whose loss is eval/pretrain_loss
+    train_split: str = "train"
+    eval_split: str = "test"
+    # read only the first max_rows rows of each split; null: all
+    max_rows: int | None = None
+
+
+@dataclass
 class PreferenceTaskConfig:
     """How a preference task gives its rows to the stages (backbone/tasks/blend.py)."""
 
@@ -80,6 +100,8 @@ class PreferenceTaskConfig:
     seed: int = 0
     # every prompt is put through the model's template (LLaMA's BOS, say)
     prompt_template: str = "${oc.select:model.prompt_template,'{prompt}'}"
+    # a pretraining corpus for PTX: task.pretrain.path=wikitext task.pretrain.config_name=wikitext-2-raw-v1
+    pretrain: PretrainCorpusConfig = field(default_factory=PretrainCorpusConfig)
 
 
 @dataclass
