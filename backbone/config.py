@@ -320,10 +320,14 @@ class LoggerConfig:
 
 @dataclass
 class PTXConfig:
-    """Mixing the SFT loss into the RL loss (InstructGPT's PTX; DeepSpeed-Chat's unsupervised term)."""
+    """Mixing a language-modelling loss into the RL loss (InstructGPT's PTX; DeepSpeed-Chat's
+    unsupervised term), backbone/ptx.py."""
 
-    # loss = algorithm loss + coef * SFT loss on a minibatch of the task's SFT train split; 0 disables
+    # loss = algorithm loss + coef * LM loss on a minibatch of the source's train texts; 0 disables
     coef: float = 0.0
+    # sft: the task's SFT train split (loss on responses) | pretrain: the task's pretraining corpus, text
+    # that is not the RL objective (loss on every token; its held-out loss is logged as eval/pretrain_loss)
+    source: str = "sft"
     batch_size: int = 16
 
 

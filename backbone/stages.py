@@ -91,6 +91,35 @@ def encode_rows(tokenizer, rows: list[dict], response: str, max_length: int, wha
     return pairs, truncated
 
 
+def pretrain_texts(task: Task, split: str) -> list[str]:
+    """The task's pretraining texts of ``split``, which ptx.source=pretrain reads; failing for a task
+    that has none."""
+    texts = task.pretrain_texts(split)
+    if not texts:
+        raise ValueError(
+            f"ptx.source=pretrain: task {task.name!r} has no pretraining texts in its {split} split "
+            "(a preference task reads them from task.pretrain)"
+        )
+    return texts
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, what: str) -> Pairs:
+    """Each text as a pair (x_0, its tokens + EOS) cut at ``max_length``, so that the SFT loss, which
+    scores a pair's second part, scores every token of the text; x_0, the context of its first
+    token, is the tokenizer's BOS (EOS where it has none, as GPT-2 separates documents)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pairs, truncated = [], 0
+    for text in texts:
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        truncated += 1 + len(ids) > max_length
+        pairs.append(([start], ids[: max_length - 1]))
+    if truncated:
+        logger.warning(
+            "%s: %d of %d texts over max_length=%d, truncated", what, truncated, len(texts), max_length
+        )
+    return pairs
+
+
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
