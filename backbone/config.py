@@ -175,6 +175,11 @@ class SFTConfig:
     # concatenate examples (each closed by its EOS) into blocks of model.max_length with no padding
     # (StackLLaMA); a batch is then batch_size blocks, so an epoch takes fewer steps
     packing: bool = False
+    # train on the task's pretraining train texts too (every token scored), shuffled in with the
+    # demonstrations: a tiny model fine-tuned from scratch then knows text that is not the task, as a
+    # pretrained model does, and RL can drift away from it (eval/pretrain_loss, ptx.source=pretrain);
+    # without it the SFT policy has never seen that text (the ptx row needs it)
+    mix_pretrain: bool = False
 
 
 @dataclass

@@ -120,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     algorithm = instantiate(cfg.algorithm)
     check_run_config(cfg, algorithm)
     task = instantiate(cfg.task)
-    if cfg.ptx.source == "pretrain":  # a task without a pretraining corpus fails before the stages
+    if cfg.ptx.source == "pretrain" or cfg.sft.mix_pretrain:  # without the texts, fail before the stages
         for split in SPLITS:
             pretrain_texts(task, split)
     group, name, tags = run_identity(cfg)

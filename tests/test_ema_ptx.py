@@ -6,14 +6,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_history, read_summary, run_entry
+from conftest import compose_config, read_history, read_summary, run_entry
+from omegaconf import OmegaConf
 from test_run import SMALL
 from torch import nn
 
+from backbone.artifacts import config_hash
 from backbone.ema import EMA
 from backbone.models import build_tiny_causal_lm, train_word_tokenizer
 from backbone.ptx import PTXMixer
-from backbone.tasks.toy_reviews import ToyReviews
+from backbone.stages import sft_config_key
+from backbone.tasks.toy_reviews import N_NOTES, ToyReviews
 
 CPU = torch.device("cpu")
 SIZES = dict(
@@ -146,11 +149,13 @@ def test_the_stream_position_resumes_exactly(toy):
 
 
 def test_ptx_from_the_pretraining_corpus_end_to_end(tmp_path, artifacts_dir):
+    """The ptx row's setting: SFT on demonstrations and notes, PTX on the notes."""
     run_dir = tmp_path / "run"
     run_entry(
         [
             *SMALL,
             "iterations=2",
+            "sft.mix_pretrain=true",
             "ptx.coef=1.0",
             "ptx.source=pretrain",
             "logger.mode=disabled",
@@ -163,7 +168,21 @@ def test_ptx_from_the_pretraining_corpus_end_to_end(tmp_path, artifacts_dir):
     assert all(r["train/ptx_loss"] > 0 for r in rows[1:])
     for row in (rows[0], rows[2]):
         assert {"eval/pretrain_loss", "eval/sft_loss"} <= set(row)
-        assert row["eval/pretrain_loss"] != row["eval/sft_loss"]
     assert "pretrain_loss" not in str(rows[1])  # evaluations only
     summary = read_summary(run_dir)
     assert {"gain/eval/pretrain_loss", "gain/eval/sft_loss"} <= set(summary)
+    # the SFT policy learned the notes (a model that never saw them scores ~log(vocabulary) = 4.8 nats),
+    # and RL's first evaluation scores that very policy on the same held-out notes
+    sft = summary["sft"]
+    assert sft["sft/pretrain_texts"] == N_NOTES["train"] and sft["sft/pretrain_eval_loss"] < 2.0
+    assert rows[0]["eval/pretrain_loss"] == pytest.approx(sft["sft/pretrain_eval_loss"], rel=1e-4)
+    assert rows[0]["eval/sft_loss"] == pytest.approx(sft["sft/eval_loss"], rel=1e-4)
+
+
+def test_sft_without_the_notes_keeps_its_artifact_key():
+    """sft.mix_pretrain=false is the SFT of before the knob: its artifacts (and what is built on
+    them) keep their keys, and mixing the notes in is another artifact."""
+    plain, mixed = (compose_config([f"sft.mix_pretrain={m}"]).sft for m in ("false", "true"))
+    before = {k: v for k, v in OmegaConf.to_container(plain).items() if k != "mix_pretrain"}
+    assert config_hash(sft_config_key(plain)) == config_hash(before)
+    assert config_hash(sft_config_key(mixed)) != config_hash(before)

@@ -103,5 +103,5 @@ def test_ptx_from_a_task_without_a_pretraining_corpus_fails_before_any_stage_is_
         [sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode != 0
-    assert "ptx.source=pretrain: task 'preferences' has no pretraining texts" in result.stderr
+    assert "task 'preferences' has no pretraining texts in its train split" in result.stderr
     assert not artifacts.exists()
