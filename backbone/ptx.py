@@ -14,7 +14,9 @@
       L_LM = - sum_texts sum_{t=1..n} log p(x_t | x_0..x_{t-1}) / (tokens in the minibatch)
 
   where x_0, the context of the first token, is the tokenizer's BOS (EOS where it has none, as
-  GPT-2 separates documents). Texts longer than model.max_length are cut at the right.
+  GPT-2 separates documents). Texts longer than model.max_length are cut at the right. PTX can
+  only keep what the policy knew: a tiny model knows the corpus when SFT trained on it too
+  (``sft.mix_pretrain``), as a real one knows its pretraining text.
 
 Held-out losses are logged at every evaluation whatever the coefficient (at 0 they are the
 control arm's): ``eval/sft_loss`` on the SFT eval split always, and with ``source=pretrain``
