@@ -68,6 +68,26 @@ class PreferenceSourceConfig:
 
 
 @dataclass
+class PretrainCorpusConfig:
+    """The pretraining corpus of PTX (ptx.source=pretrain): a text dataset, one document per row."""
+
+    # load_dataset(path, config_name, data_files=..., data_dir=...): DeepSpeed-Chat's
+    # --unsupervised_dataset_name wikitext --unsupervised_dataset_config_name wikitext-2-raw-v1;
+    # null: the task has no pretraining corpus
+    path: str | None = None
+    config_name: str | None = None
+    data_files: Any = None
+    data_dir: str | None = None
+    # the column holding one document per row; blank rows are skipped
+    text_key: str = "text"
+    # the texts PTX trains on, and the held-out ones whose loss is eval/pretrain_loss
+    train_split: str = "train"
+    eval_split: str = "test"
+    # read only the first max_rows rows of each split; null: all
+    max_rows: int | None = None
+
+
+@dataclass
 class PreferenceTaskConfig:
     """How a preference task gives its rows to the stages (backbone/tasks/blend.py)."""
 
@@ -80,6 +100,8 @@ class PreferenceTaskConfig:
     seed: int = 0
     # every prompt is put through the model's template (LLaMA's BOS, say)
     prompt_template: str = "${oc.select:model.prompt_template,'{prompt}'}"
+    # a pretraining corpus for PTX: task.pretrain.path=wikitext task.pretrain.config_name=wikitext-2-raw-v1
+    pretrain: PretrainCorpusConfig = field(default_factory=PretrainCorpusConfig)
 
 
 @dataclass
@@ -153,6 +175,11 @@ class SFTConfig:
     # concatenate examples (each closed by its EOS) into blocks of model.max_length with no padding
     # (StackLLaMA); a batch is then batch_size blocks, so an epoch takes fewer steps
     packing: bool = False
+    # train on the task's pretraining train texts too (every token scored), shuffled in with the
+    # demonstrations: a tiny model fine-tuned from scratch then knows text that is not the task, as a
+    # pretrained model does, and RL can drift away from it (eval/pretrain_loss, ptx.source=pretrain);
+    # without it the SFT policy has never seen that text (the ptx row needs it)
+    mix_pretrain: bool = False
 
 
 @dataclass
@@ -306,10 +333,14 @@ class LoggerConfig:
 
 @dataclass
 class PTXConfig:
-    """Mixing the SFT loss into the RL loss (InstructGPT's PTX; DeepSpeed-Chat's unsupervised term)."""
+    """Mixing a language-modelling loss into the RL loss (InstructGPT's PTX; DeepSpeed-Chat's
+    unsupervised term), backbone/ptx.py."""
 
-    # loss = algorithm loss + coef * SFT loss on a minibatch of the task's SFT train split; 0 disables
+    # loss = algorithm loss + coef * LM loss on a minibatch of the source's train texts; 0 disables
     coef: float = 0.0
+    # sft: the task's SFT train split (loss on responses) | pretrain: the task's pretraining corpus, text
+    # that is not the RL objective (loss on every token; its held-out loss is logged as eval/pretrain_loss)
+    source: str = "sft"
     batch_size: int = 16
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -94,6 +94,34 @@ def encode_rows(tokenizer, rows: list[dict], response: str, max_length: int, wha
             "%s: %d of %d rows over max_length=%d, truncated", what, truncated, len(rows), max_length
         )
     return pairs, truncated
+
+
+def pretrain_texts(task: Task, split: str) -> list[str]:
+    """The task's pretraining texts of ``split``; failing for a task that has none."""
+    texts = task.pretrain_texts(split)
+    if not texts:
+        raise ValueError(
+            f"task {task.name!r} has no pretraining texts in its {split} split, which ptx.source=pretrain "
+            "and sft.mix_pretrain read (a preference task reads them from task.pretrain)"
+        )
+    return texts
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int, what: str) -> Pairs:
+    """Each text as a pair (x_0, its tokens + EOS) cut at ``max_length``, so that the SFT loss, which
+    scores a pair's second part, scores every token of the text; x_0, the context of its first
+    token, is the tokenizer's BOS (EOS where it has none, as GPT-2 separates documents)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pairs, truncated = [], 0
+    for text in texts:
+        ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        truncated += 1 + len(ids) > max_length
+        pairs.append(([start], ids[: max_length - 1]))
+    if truncated:
+        logger.warning(
+            "%s: %d of %d texts over max_length=%d, truncated", what, truncated, len(texts), max_length
+        )
+    return pairs
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -279,7 +307,8 @@ def mean_sft_loss(model: nn.Module, pairs: Pairs, pad: int, device: torch.device
 
 
 def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str | Path, log: Log) -> dict:
-    """Fine-tune the base causal LM on the task's demonstrations; save it and its tokenizer to ``out_dir``."""
+    """Fine-tune the base causal LM on the task's demonstrations (and, with ``sft.mix_pretrain``, its
+    pretraining train texts); save it and its tokenizer to ``out_dir``."""
     started = time.perf_counter()
     train_rows = _require(task.sft_examples("train"), task, "SFT", "train")
     eval_rows = _require(task.sft_examples("eval"), task, "SFT", "eval")
@@ -292,7 +321,15 @@ def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str |
     max_length, pad = cfg.model.max_length, tokenizer.pad_token_id
     train, truncated = encode_rows(tokenizer, train_rows, "response", max_length, "SFT train")
     held_out, _ = encode_rows(tokenizer, eval_rows, "response", max_length, "SFT eval")
-    rows, collate = sft_train_rows(train, cfg.sft.packing, max_length, pad)
+    # held-out metric name -> rows; pretraining texts are pairs too (x_0, every token scored)
+    evaluated = {"eval_loss": held_out}
+    texts = []
+    if cfg.sft.mix_pretrain:
+        texts = encode_texts(tokenizer, pretrain_texts(task, "train"), max_length, "SFT pretrain train")
+        evaluated["pretrain_eval_loss"] = encode_texts(
+            tokenizer, pretrain_texts(task, "eval"), max_length, "SFT pretrain eval"
+        )
+    rows, collate = sft_train_rows(train + texts, cfg.sft.packing, max_length, pad)
     tokens = 0
 
     def loss_fn(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
@@ -303,12 +340,17 @@ def train_sft(cfg: DictConfig, task: Task, base_path: str | Path, out_dir: str |
 
     def evaluate() -> dict[str, float]:
         # held-out pairs are scored one per row in both modes, so the loss compares across them
-        return {"eval_loss": mean_sft_loss(model, held_out, pad, device, cfg.sft.batch_size)}
+        return {
+            name: mean_sft_loss(model, pairs, pad, device, cfg.sft.batch_size)
+            for name, pairs in evaluated.items()
+        }
 
     final = _fit(model, cfg.sft, len(rows), loss_fn, evaluate, log, "sft")
     tokenizer.save_pretrained(out_dir)
     model.save_pretrained(out_dir)
     metrics = {**final, "sft/tokens": tokens, "sft/truncated": truncated, "sft/train_examples": len(train)}
+    if cfg.sft.mix_pretrain:
+        metrics["sft/pretrain_texts"] = len(texts)
     return _finish(Path(out_dir), metrics, "sft", started)
 
 
@@ -416,6 +458,15 @@ def train_reward_model(
 # --------------------------------------------------------------------------- the pipeline
 
 
+def sft_config_key(sft: DictConfig) -> dict:
+    """The SFT config in the artifact key; without sft.mix_pretrain it is the key from before that
+    knob, so the SFT models (and what is built on them) already built are still found."""
+    key = OmegaConf.to_container(sft, resolve=True)
+    if not key["mix_pretrain"]:
+        del key["mix_pretrain"]
+    return key
+
+
 def _read_metrics(folder: Path) -> dict:
     return json.loads((folder / METRICS_FILE).read_text())
 
@@ -430,7 +481,7 @@ def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
     root = cfg.paths.artifacts
     base_key = _base_key(cfg)
     base = build_base(cfg, task)
-    sft_key = {"base": base_key, "sft": cfg.sft}
+    sft_key = {"base": base_key, "sft": sft_config_key(cfg.sft)}
     sft = get_or_build(root, "sft", sft_key, lambda folder: train_sft(cfg, task, base, folder, log))
     init_key, init_path = (sft_key, sft) if cfg.reward_model.init == "sft" else (base_key, base)
 

@@ -38,7 +38,7 @@ from backbone.checkpoint import CheckpointManager
 from backbone.ema import EMA
 from backbone.engine import build_engine
 from backbone.kl import build_kl_controller
-from backbone.ptx import SFTMixer
+from backbone.ptx import PTXMixer
 from backbone.rng import rng_state, set_rng_state
 from backbone.rollout import RolloutCollector
 from backbone.tasks.base import Task
@@ -195,11 +195,12 @@ class Trainer:
             total_steps=self.iterations * steps_per_iteration,
             minibatch_size=algorithm.minibatch_size,
         )
-        self.ptx = SFTMixer(
+        self.ptx = PTXMixer(
             task,
             collector.tokenizer,
             cfg.model.max_length,
             cfg.ptx.coef,
+            cfg.ptx.source,
             cfg.ptx.batch_size,
             collector.device,
             cfg.seed,
@@ -453,14 +454,14 @@ class Trainer:
             sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
         greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
-        row["eval/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
+        row.update(self.ptx.eval_losses(self.stack.actor, "eval"))
         if self.ema is not None:
             with self.ema.applied(), self.evaluation_noise():  # the live actor's noise: a paired comparison
                 ema_sampled = self.collector.collect(
                     prompts, self.cfg.rollout.eval_samples, update_stats=False
                 )
                 row.update(rollout_metrics(ema_sampled, "eval_ema"))
-                row["eval_ema/sft_loss"] = self.ptx.eval_loss(self.stack.actor)
+                row.update(self.ptx.eval_losses(self.stack.actor, "eval_ema"))
         table_every = self.cfg.logger.table_every
         if table_every and self.iteration % table_every == 0:
             columns = ["prompt", "response", "reward", "gold"]
@@ -568,6 +569,7 @@ class Trainer:
             "eval/gold_mean",
             "eval/response_len_mean",
             "eval/sft_loss",
+            "eval/pretrain_loss",
             "eval_ema/reward_mean",
             "eval_ema/kl_mean",
             "eval_ema/gold_mean",

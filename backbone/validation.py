@@ -16,6 +16,7 @@ from algorithms.base import Algorithm
 from backbone import distributed
 from backbone.config import CriticConfig
 from backbone.kl import ESTIMATORS
+from backbone.ptx import PTX_SOURCES
 from backbone.reward import NORMALIZE_MODES
 from backbone.stages import CRITIC_INITS
 
@@ -29,6 +30,7 @@ CHOICES = {
     "optim.scheduler": ("constant", "linear", "cosine"),
     "critic.init": CRITIC_INITS,
     "reward_model.init": ("sft", "base"),
+    "ptx.source": PTX_SOURCES,
     # what this version builds: other policy stacks and engines are configs without code yet
     "peft.mode": ("none", "lora_multi_adapter"),
     "engine.name": ("torch", "deepspeed"),

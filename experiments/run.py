@@ -34,11 +34,12 @@ from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
+from backbone.ptx import pretrain_texts
 from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import StageArtifacts, prepare_stages
-from backbone.tasks.base import Task
+from backbone.tasks.base import SPLITS, Task
 from backbone.tracking import Tracker
 from backbone.trainer import Preempted, Trainer, planned_iterations
 from backbone.validation import check_run_config, check_targets
@@ -126,6 +127,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     algorithm = instantiate(cfg.algorithm)
     check_run_config(cfg, algorithm)
     task = instantiate(cfg.task)
+    if cfg.ptx.source == "pretrain" or cfg.sft.mix_pretrain:  # without the texts, fail before the stages
+        for split in SPLITS:
+            pretrain_texts(task, split)
     group, name, tags = run_identity(cfg)
     tracker = Tracker(
         run_dir,

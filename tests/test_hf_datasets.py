@@ -243,3 +243,68 @@ def test_blend_config_composes_local_sources(tmp_path):
         "se": 8,
         "static": 8,
     }
+
+
+# --------------------------------------------------------------------------- PTX's pretraining corpus
+
+
+def text_rows(split: str, n: int) -> list[dict]:
+    """Wikitext's schema: one paragraph per row of a ``text`` column, blank rows between them."""
+    return [
+        {"text": f" {split} paragraph {i} about nothing in particular .\n" if i % 3 else ""} for i in range(n)
+    ]
+
+
+def test_a_text_dataset_is_the_pretraining_corpus(tmp_path):
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    for split, n in (("train", 9), ("validation", 6)):
+        datasets.Dataset.from_list(text_rows(split, n)).to_parquet(folder / f"{split}.parquet")
+    task = hh_task(tmp_path / "hh", pretrain={"path": str(folder), "eval_split": "validation"})
+    train = [r["text"] for r in text_rows("train", 9) if r["text"]]
+    assert task.pretrain_texts("train") == train and len(train) == 6
+    assert task.pretrain_texts("eval") == [r["text"] for r in text_rows("validation", 6) if r["text"]]
+    assert task.skipped["pretrain/train/empty_text"] == 3 and task.skipped["train/empty_response"] == 0
+    stats = task.data_stats()
+    assert stats["rows/train/pretrain"] == 6 and stats["rows/eval/pretrain"] == 4
+    assert set(train) <= set(task.corpus())  # a locally built tokenizer learns its words
+    assert hh_task(tmp_path / "hh").pretrain_texts("train") == []  # no corpus unless named
+    with pytest.raises(
+        ValueError, match=r"column 'body' \(text_key\) not found in split 'train'.*\['text'\]"
+    ):
+        hh_task(
+            tmp_path / "hh", pretrain={"path": str(folder), "eval_split": "validation", "text_key": "body"}
+        )
+    with pytest.raises(ValueError, match=r"split 'test' not found.*\['train', 'validation'\]"):
+        hh_task(tmp_path / "hh", pretrain={"path": str(folder)})
+    with pytest.raises(ValueError, match="held-out split is the train split 'train'"):
+        hh_task(tmp_path / "hh", pretrain={"path": str(folder), "eval_split": "train"})
+
+
+def test_the_pretraining_corpus_from_the_hydra_config_with_a_dataset_config_name(tmp_path):
+    """task.pretrain as a user writes it; config_name picks one configuration of a dataset, as
+    load_dataset("wikitext", "wikitext-2-raw-v1") does (here from a local folder's README)."""
+    folder = tmp_path / "corpus"
+    for name, n in (("small", 4), ("large", 12)):
+        (folder / name).mkdir(parents=True)
+        for split in ("train", "test"):
+            write_jsonl(folder / name / f"{split}.jsonl", [{"text": f"{name} {split} {i}"} for i in range(n)])
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n"
+        + "".join(f"  - split: {split}\n    path: {name}/{split}.jsonl\n" for split in ("train", "test"))
+        for name in ("small", "large")
+    )
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    data = files(tmp_path / "hh", *hh_rows(20))
+    overrides = [
+        "task=local_preferences",
+        "task.path=json",
+        f"task.data_files={{train: '{data['train']}', test: '{data['test']}'}}",
+        "task.schema=hh_rlhf",
+        f"task.pretrain.path={folder}",
+        "task.pretrain.config_name=large",
+        "task.pretrain.max_rows=10",
+    ]
+    task = instantiate(compose_config(overrides).task)
+    assert task.pretrain_texts("train") == [f"large train {i}" for i in range(10)]
+    assert task.pretrain_texts("eval") == [f"large test {i}" for i in range(10)]

@@ -12,9 +12,12 @@ import time
 
 import pytest
 
+from backbone.models import train_word_tokenizer
 from backbone.tasks.base import Task
 from backbone.tasks.toy_reviews import (
     MAX_WORDS,
+    N_NOTES,
+    SENTIMENT,
     ToyReviews,
     gold_ceiling,
     gold_parts,
@@ -192,6 +195,45 @@ def test_corpus_covers_prompts_and_responses(task):
     texts = [*task.eval_prompts(), *task.rl_prompts()]
     texts += [t for p in task.preference_pairs("eval") for t in (p["chosen"], p["rejected"])]
     assert {w for text in texts for w in text.split()} <= vocabulary
+
+
+# ------------------------------------------------------------------ the pretraining corpus (product notes)
+
+
+def test_pretraining_notes_are_not_reviews(task):
+    notes = task.pretrain_texts("train") + task.pretrain_texts("eval")
+    assert [len(task.pretrain_texts(s)) for s in ("train", "eval")] == [N_NOTES["train"], N_NOTES["eval"]]
+    for note in notes:
+        product = note.split()[0]
+        parts = task.gold_parts(f"review of the {product} :", note)
+        # no opinion in it, and the review grammar rejects it
+        assert parts.sentiment == 0 and parts.grammar > 0, note
+        assert not {w for w in words_of(note) if SENTIMENT.get(w, 0) != 0}, note
+        assert note.endswith(" .") and note.startswith(f"{product} :")
+    # the reviews of the task are no notes, and the notes are not a handful of texts
+    reviews = {ex["response"] for split in ("train", "eval") for ex in task.sft_examples(split)}
+    assert not reviews & set(notes) and len(set(notes)) > 0.8 * len(notes)
+
+
+def test_pretraining_notes_are_seeded_and_their_splits_disjoint(task):
+    train, held_out = task.pretrain_texts("train"), task.pretrain_texts("eval")
+    assert not set(train) & set(held_out)
+    again = ToyReviews(seed=0, **SIZES)
+    assert again.pretrain_texts("eval") == held_out and again.pretrain_texts("train") == train
+    other = ToyReviews(seed=1, **SIZES)
+    assert other.pretrain_texts("train") != train and other.pretrain_texts("eval") != held_out
+    with pytest.raises(ValueError, match="split"):
+        task.pretrain_texts("test")
+
+
+@pytest.mark.parametrize("sizes", [SIZES, {}], ids=["small", "default"])
+def test_the_tokenizer_of_the_task_knows_every_word_of_the_notes(sizes):
+    """The tokenizer is trained on ``corpus()``, which leaves the notes out (it stays the reviews'
+    tokenizer): every word of a note must already be in the prompts or the reviews."""
+    task = ToyReviews(seed=2, **sizes)
+    vocabulary = train_word_tokenizer(task.corpus()).get_vocab()
+    words = {w for split in ("train", "eval") for note in task.pretrain_texts(split) for w in note.split()}
+    assert words <= set(vocabulary)
 
 
 def test_pairs_differ_and_tiny_temperature_labels_follow_gold():

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, write_jsonl
 from hydra.utils import instantiate
 
 from backbone.validation import check_run_config, check_targets
@@ -58,6 +58,7 @@ def test_the_default_configs_pass():
         (["engine=deepspeed_zero1", "engine.zero_stage=0"], "DeepSpeed runs at ZeRO stage 1, 2 or 3"),
         (["engine=deepspeed_zero2", "engine.offload_param=true"], "offloaded at ZeRO stage 3 only"),
         (["engine=deepspeed_zero2", "engine.precision=fp8"], "engine.precision='fp8'"),
+        (["ptx.source=wiki"], "ptx.source='wiki': expected one of ['sft', 'pretrain']"),
     ],
 )
 def test_each_impossible_combination_is_named(overrides, message):
@@ -92,3 +93,27 @@ def test_a_bad_config_fails_before_any_stage_is_built(tmp_path):
     assert result.returncode != 0
     assert "rollout.min_new_tokens=99 > rollout.max_new_tokens=24" in result.stderr
     assert not artifacts.exists()  # no SFT or reward model was started
+
+
+def test_ptx_from_a_task_without_a_pretraining_corpus_fails_before_any_stage_is_built(tmp_path):
+    """A preference task has pretraining texts only when task.pretrain names a text dataset."""
+    rows = [{"prompt": f"q {i} :", "chosen": f"yes {i} .", "rejected": f"no {i} ."} for i in range(8)]
+    data = {
+        split: write_jsonl(tmp_path / f"{split}.jsonl", rows[i::2])
+        for i, split in enumerate(("train", "test"))
+    }
+    artifacts = tmp_path / "artifacts"
+    args = [
+        "task=local_preferences",
+        "task.path=json",
+        f"task.data_files={{train: '{data['train']}', test: '{data['test']}'}}",
+        "ptx.source=pretrain",
+        f"paths.artifacts={artifacts}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "task 'preferences' has no pretraining texts in its train split" in result.stderr
+    assert not artifacts.exists()

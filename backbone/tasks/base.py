@@ -3,7 +3,8 @@
 A task supplies every stage of the pipeline: demonstrations for SFT, preference pairs for the
 reward model, a stream of prompts for RL, held-out prompts for evaluation, the texts a local
 tokenizer is trained on, and, when it knows one, a gold reward the proxy reward model can be
-checked against.
+checked against. A task may also have a pretraining corpus: plain texts that are not the RL
+objective, which PTX mixes into the RL loss (``ptx.source=pretrain``, backbone/ptx.py).
 
 Text conventions: a model sees the prompt's tokens, then the response's tokens, then EOS;
 prompt and response are tokenised separately. Responses produced by a policy come back
@@ -51,6 +52,12 @@ class Task(ABC):
     @abstractmethod
     def corpus(self) -> list[str]:
         """Texts (prompts and responses) to train a tokenizer on."""
+
+    def pretrain_texts(self, split: str) -> list[str]:
+        """Texts of the pretraining corpus's ``split`` ("train" or "eval", disjoint); empty when the
+        task has none. Each is one document, scored on every token (backbone/ptx.py)."""
+        check_split(split)
+        return []
 
     def data_stats(self) -> dict[str, int]:
         """Counts about the task's data for the run summary (rows per stage, rows skipped and why)."""

@@ -15,7 +15,11 @@ A ``PreferenceTask`` blends one or more sources and gives each stage its rows
   train prompt of any stage, so evaluation stays held out even where a dataset repeats prompts
   across its splits.
 - Every prompt is put through ``prompt_template`` (the model's: LLaMA's BOS, say).
-- The tokenizer corpus is every prompt, chosen and rejected text the task uses.
+- The tokenizer corpus is every prompt, chosen and rejected text the task uses, and the
+  pretraining texts.
+
+A pretraining corpus for PTX (``ptx.source=pretrain``) is a ``TextSource``: a text dataset, one
+document per row in a ``text`` column (wikitext, say), loaded the same way (``task.pretrain``).
 
 ``PreferenceDatasetTask`` is one dataset (``task=hh_rlhf``, ``task=local_preferences``);
 ``BlendedPreferenceTask`` is several, each with a weight (``task=blend``).
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -76,19 +80,10 @@ class PreferenceSource:
         # "<dataset split>/<reason>" -> rows skipped
         self.skipped: dict[str, int] = {}
 
-        loaded = datasets.load_dataset(path, data_files=data_files, data_dir=data_dir)
-        for split in split_names.values():
-            if split not in loaded:
-                raise ValueError(
-                    f"split {split!r} not found in {self.source}; available splits: {list(loaded)}"
-                )
-            columns = loaded[split].column_names
-            for column in self.schema.columns:
-                if column not in columns:
-                    raise ValueError(
-                        f"column {column!r} (schema {schema!r}) not found in split {split!r} of "
-                        f"{self.source}; available columns: {columns}"
-                    )
+        loaded = _load_checked(
+            path, None, data_files, data_dir, split_names.values(), self.schema.columns, f"schema {schema!r}",
+            self.source,
+        )  # fmt: skip
         rows = {
             split: self._valid_rows(_head(loaded[split], max_rows), split)
             for split in dict.fromkeys(split_names.values())
@@ -124,6 +119,82 @@ class PreferenceSource:
                 f"split {split!r} of {self.source} has no valid rows (of {len(dataset)}; skipped: {counts})"
             )
         return rows
+
+
+class TextSource:
+    """A text dataset, one document per row in ``text_key``, as the pretraining corpus of PTX:
+    ``texts`` maps each interface split ("train", "eval") to its texts. Rows whose text is missing,
+    not UTF-8 or blank (wikitext separates its paragraphs with blank lines) are skipped and counted
+    in ``skipped`` ("<dataset split>/<reason>"). ``config_name`` is load_dataset's ``name``
+    ("wikitext-2-raw-v1", DeepSpeed-Chat's --unsupervised_dataset_config_name)."""
+
+    def __init__(
+        self,
+        path: str,
+        config_name: str | None = None,
+        data_files: Any = None,
+        data_dir: str | None = None,
+        text_key: str = "text",
+        train_split: str = "train",
+        eval_split: str = "test",
+        max_rows: int | None = None,
+    ) -> None:
+        data_files = _plain(data_files)
+        self.source = (
+            f"path={path!r}, config_name={config_name!r}, data_files={data_files!r}, data_dir={data_dir!r}"
+        )
+        if train_split == eval_split:
+            raise ValueError(f"{self.source}: the held-out split is the train split {train_split!r}")
+        split_names = {"train": train_split, "eval": eval_split}
+        loaded = _load_checked(
+            path, config_name, data_files, data_dir, split_names.values(), [text_key], "text_key", self.source
+        )
+        self.skipped: dict[str, int] = {}
+        self.texts: dict[str, list[str]] = {}
+        for role, split in split_names.items():
+            where = f"split {split!r} of {self.source}"
+            values = _column(_head(loaded[split], max_rows), text_key, where)
+            counts = {"non_utf8": 0, "non_string": 0, "empty_text": 0}
+            texts = []
+            for value in values:
+                if value is NOT_UTF8:
+                    counts["non_utf8"] += 1
+                elif not isinstance(value, str):
+                    counts["non_string"] += 1
+                elif not value.strip():
+                    counts["empty_text"] += 1
+                else:
+                    texts.append(value)
+            self.skipped |= {f"{split}/{reason}": n for reason, n in counts.items()}
+            if not texts:
+                raise ValueError(f"{where} has no text (of {len(values)} rows; skipped: {counts})")
+            self.texts[role] = texts
+
+
+def _load_checked(
+    path: str,
+    config_name: str | None,
+    data_files: Any,
+    data_dir: str | None,
+    splits: Iterable[str],
+    columns: Sequence[str],
+    read_by: str,
+    source: str,
+) -> datasets.DatasetDict:
+    """``datasets.load_dataset``, failing with a message that names the dataset (``source``) when one
+    of ``splits``, or one of the ``columns`` (read by ``read_by``) in them, is not there."""
+    loaded = datasets.load_dataset(path, config_name, data_files=data_files, data_dir=data_dir)
+    for split in splits:
+        if split not in loaded:
+            raise ValueError(f"split {split!r} not found in {source}; available splits: {list(loaded)}")
+        present = loaded[split].column_names
+        for column in columns:
+            if column not in present:
+                raise ValueError(
+                    f"column {column!r} ({read_by}) not found in split {split!r} of {source}; "
+                    f"available columns: {present}"
+                )
+    return loaded
 
 
 NOT_UTF8 = object()  # a string column's value whose bytes do not decode
@@ -162,10 +233,15 @@ class PreferenceTask(Task):
         n_eval_prompts: int = 64,
         seed: int = 0,
         prompt_template: str = "{prompt}",
+        pretrain: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
-        # "[<source name>/]<dataset split>/<reason>" -> rows skipped
-        self.skipped = skipped
+        # the pretraining corpus from ``TextSource`` arguments; none without a path
+        pretrain = _plain(pretrain) or {}
+        self._pretrain = TextSource(**pretrain) if pretrain.get("path") is not None else None
+        # "[<source name>/ | pretrain/]<dataset split>/<reason>" -> rows skipped
+        pretrain_skipped = self._pretrain.skipped if self._pretrain is not None else {}
+        self.skipped = skipped | {f"pretrain/{key}": n for key, n in pretrain_skipped.items()}
         stage_split = _plain(stage_split)
         template = _check_template(prompt_template)
         # interface split -> stage -> rows
@@ -232,13 +308,20 @@ class PreferenceTask(Task):
     def eval_prompts(self) -> list[str]:
         return list(self._eval_prompts)
 
+    def pretrain_texts(self, split: str) -> list[str]:
+        check_split(split)
+        return list(self._pretrain.texts[split]) if self._pretrain is not None else []
+
     def data_stats(self) -> dict[str, int]:
-        """``rows/<split>/<stage>`` and ``skipped/<skipped key>`` counts."""
+        """``rows/<split>/<stage>`` (and ``rows/<split>/pretrain``, texts) and ``skipped/<skipped key>``
+        counts."""
         rows = {
             f"rows/{split}/{stage}": len(r)
             for split, stages in self._stages.items()
             for stage, r in stages.items()
         }
+        if self._pretrain is not None:
+            rows |= {f"rows/{split}/pretrain": len(self._pretrain.texts[split]) for split in SPLITS}
         return rows | {f"skipped/{key}": n for key, n in self.skipped.items()}
 
     def chosen_response(self, prompt: str) -> str | None:
@@ -251,7 +334,8 @@ class PreferenceTask(Task):
     def corpus(self) -> list[str]:
         # a row shared by several stages (no stage_split) counts once
         rows = {id(row): row for split in self._stages.values() for stage in split.values() for row in stage}
-        return [row[field] for row in rows.values() for field in ("prompt", "chosen", "rejected")]
+        texts = [row[field] for row in rows.values() for field in ("prompt", "chosen", "rejected")]
+        return texts + [text for split in SPLITS for text in self.pretrain_texts(split)]
 
 
 class PreferenceDatasetTask(PreferenceTask):
@@ -266,6 +350,7 @@ class PreferenceDatasetTask(PreferenceTask):
         n_eval_prompts: int = 64,
         seed: int = 0,
         prompt_template: str = "{prompt}",
+        pretrain: Mapping[str, Any] | None = None,
         **source: Any,
     ) -> None:
         dataset = PreferenceSource(path, **source)
@@ -278,6 +363,7 @@ class PreferenceDatasetTask(PreferenceTask):
             n_eval_prompts,
             seed,
             prompt_template,
+            pretrain,
         )
 
 
@@ -293,6 +379,7 @@ class BlendedPreferenceTask(PreferenceTask):
         n_eval_prompts: int = 64,
         seed: int = 0,
         prompt_template: str = "{prompt}",
+        pretrain: Mapping[str, Any] | None = None,
     ) -> None:
         if not sources:
             raise ValueError(f"task {name!r}: a blend needs at least one source")
@@ -306,7 +393,9 @@ class BlendedPreferenceTask(PreferenceTask):
             for source_name, source in built.items()
             for key, n in source.skipped.items()
         }
-        super().__init__(name, built, weights, skipped, stage_split, n_eval_prompts, seed, prompt_template)
+        super().__init__(
+            name, built, weights, skipped, stage_split, n_eval_prompts, seed, prompt_template, pretrain
+        )
 
 
 def _head(dataset: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:

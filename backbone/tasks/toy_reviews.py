@@ -37,6 +37,17 @@ Knobs (``ToyReviews`` arguments; the defaults are the task above): the gold's ``
 get: 2.93 by default; 5.81 for conf/task/toy_reviews_hard.yaml (4 clauses, scale 6), whose SFT
 data rarely shows the long reviews that reach it.
 
+Pretraining corpus (``pretrain_texts``, for PTX with ``ptx.source=pretrain``): product notes, short
+catalogue entries and plain statements about one product ("kettle : i own a small kettle . the
+weight of a kettle is standard ."). They are written in the task's own words (each one is in the
+prompts or the reviews, so the tokenizer trained on ``corpus()`` knows them and that corpus stays as
+it was) but they are not reviews: no word with a sentiment, and words that no review uses ("a",
+"my", ":"), so the gold grammar rejects every note. They share contexts with reviews ("the weight
+of" goes on with "the" in a review, with "a" in a note; "is" with an opinion, with a plain fact),
+which is where a policy that RL pushes towards glowing reviews drifts away from them.
+N_NOTES["train"] notes to train on, N_NOTES["eval"] held out (no note in both), each split its own
+seeded stream.
+
 Held-out prompts: prompts are template x product combinations; ``n_eval_prompts`` of them are
 held out by construction (spread over products, at most half of each product's templates), so
 every word, template and product is seen in SFT, preference and RL data but no eval prompt is.
@@ -110,6 +121,19 @@ FLOOR = -6.0
 # mood -> probability, for SFT demonstrations (middling, so RL has room) and preference pairs (wider)
 SFT_MOODS = {"positive": 0.3, "negative": 0.3, "mixed": 0.25, "neutral": 0.15}
 PREFERENCE_MOODS = {"positive": 0.3, "negative": 0.3, "mixed": 0.2, "neutral": 0.2}
+
+# Product notes, the pretraining corpus: "<product> :" then sentences of these shapes, filled with an
+# aspect and an adjective of no sentiment (one that reads after "a")
+NOTE_ADJECTIVES = tuple(w for w, s in ADJECTIVES.items() if s == 0 and w[0] not in "aeiou")
+NOTE_SENTENCES = (
+    "it is a {adjective} {product} .",
+    "i own a {adjective} {product} .",
+    "my {product} is {adjective} .",
+    "the {aspect} of a {product} is {adjective} .",
+    "a {product} of {adjective} {aspect} .",
+    "tell me about the {aspect} of the {product} .",
+)
+N_NOTES = {"train": 4000, "eval": 400}
 
 # Word categories of the response grammar, and the two clause shapes over them:
 #   copular  subject copula [negation] [intensifier] adjective   "the price of the mixer is not very good"
@@ -368,6 +392,10 @@ class ToyReviews(Task):
     def data_stats(self) -> dict[str, float]:
         return {"gold_ceiling": round(self.gold_ceiling, 4)}
 
+    def pretrain_texts(self, split: str) -> list[str]:
+        check_split(split)
+        return list(self._cached(f"notes_{split}", lambda: self._make_notes(split)))
+
     def corpus(self) -> list[str]:
         texts = [*self._train_prompts, *self._held_out_prompts]
         for split in ("train", "eval"):
@@ -439,6 +467,17 @@ class ToyReviews(Task):
             chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         return pairs
+
+    def _make_notes(self, split: str) -> list[str]:
+        """Product notes of ``split``; an eval note is drawn again until it is no train note."""
+        rng = self._rng(f"notes_{split}")
+        taken = set(self.pretrain_texts("train")) if split == "eval" else set()
+        notes = []
+        while len(notes) < N_NOTES[split]:
+            note = _note(rng)
+            if note not in taken:
+                notes.append(note)
+        return notes
 
     def _review(self, rng: random.Random, product: str, moods: dict[str, float], long_rate: float) -> str:
         def natural(text: str) -> bool:
@@ -569,3 +608,14 @@ def _clause(rng: random.Random, product: str, polarity: str, used: set[str]) -> 
     copula = f"{rng.choice(('is', 'was'))} {rng.choice(NEGATIONS)}" if negate else rng.choice(COPULAS)
     intensifier = f"{_pick(rng, tuple(INTENSITY), used)} " if rng.random() < 0.4 else ""
     return f"{subject} {copula} {intensifier}{_pick(rng, words['adjective'], used)}"
+
+
+def _note(rng: random.Random) -> str:
+    """One product note: "<product> :" and 1-3 different sentence shapes about that product."""
+    product = rng.choice(PRODUCTS)
+    shapes = rng.sample(NOTE_SENTENCES, rng.randint(1, 3))
+    sentences = [
+        shape.format(product=product, aspect=rng.choice(ASPECTS), adjective=rng.choice(NOTE_ADJECTIVES))
+        for shape in shapes
+    ]
+    return " ".join([f"{product} :", *sentences])
