@@ -2,5 +2,6 @@
 test the claims of the ablation catalogue. Reads files only: no torch, no model.
 
 records (runs and history frames) -> stats (per-run measures, seed intervals) -> compare (selection and
-per-seed effects) -> verdicts (one function per catalogue row) and plots -> report (the CLI).
+per-seed effects) -> claims (the catalogue's claims, each with its verdict rule) and plots -> report (the
+CLI).
 """

@@ -28,11 +28,13 @@ BUDGET = (
 )
 
 
-def evaluation_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs a comparison is judged on: not a tuning grid's, nor a tuned sweep's stage builds."""
+def of_phase(runs: pd.DataFrame, phase: str = "evaluate") -> pd.DataFrame:
+    """The runs of one phase of a sweep: "evaluate", the runs a comparison is judged on (a tuned sweep's
+    picked arms on the evaluation seeds, or every run of a plain sweep, which has no phase), or "tune"
+    (a tuned sweep's grid); never a tuned sweep's stage builds ("stages")."""
     if "phase" not in runs.columns:
         return runs
-    return runs[runs["phase"].fillna("evaluate") == "evaluate"]
+    return runs[runs["phase"].fillna("evaluate") == phase]
 
 
 def read_tuning(runs: pd.DataFrame) -> dict:
@@ -53,7 +55,7 @@ def read_tuning(runs: pd.DataFrame) -> dict:
 
 def arms_table(runs: pd.DataFrame, history: pd.DataFrame, tuning: dict) -> tuple[list[str], list[list]]:
     """Headers and one row per algorithm of the ok evaluation runs."""
-    ok = evaluation_runs(runs[runs["status"] == "ok"])
+    ok = of_phase(runs[runs["status"] == "ok"])
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
     headers = ["arm", "config", "seeds", *(f"{name} gain" for name, _ in GAINS), "final KL"]
     headers += [name for name, _ in BUDGET]

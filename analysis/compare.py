@@ -1,8 +1,9 @@
 """Comparing runs across knob values: the selection, the per-seed effects and the verdict they give.
 
-The machinery every catalogue row (analysis.verdicts) shares:
+The machinery every catalogue row (analysis.claims) shares:
 
-1. Only runs with status ok count. `Study.groups` selects runs by knob values (config columns). Runs
+1. Only runs with status ok count, and of a tuned sweep only its evaluation runs unless a row asks for
+   its tuning grid (`Study(phase="tune")`). `Study.groups` selects runs by knob values (config columns). Runs
    that also differ in another swept knob are split into contexts, one `Group` per combination of the
    others (for example one per algorithm); `judge` applies a row's rule in each context, and the
    contexts must agree, or the verdict is inconclusive. Runs of one knob value and seed that differ in
@@ -16,7 +17,9 @@ The machinery every catalogue row (analysis.verdicts) shares:
    whether that part of the claim holds. Across seeds (analysis.inference) each effect gets one test:
    - a difference: the two-sided one-sample t test of mean 0, with its 95% interval, t or bootstrap
      (`inference.interval`); when a seed's value is censored (±inf: one arm never reached a level, so
-     only the sign is known) the exact sign test instead, and a median, never a mean;
+     only the sign is known) the exact sign test instead, and a median, never a mean. A claim stated
+     one-sided (`alternative="greater"`) is tested one-sided in its direction (the 95% one-sided
+     bound, i.e. the 90% interval, must exclude 0) and two-sided against it;
    - an equivalence ("about the same": an effect with a `margin`): the TOST of |mean| < margin
      against the one-sided t test of the mean beyond the margin on its side, whichever p is smaller;
      a censored seed lies beyond the margin, so then only the one-sided sign test of "beyond" is made.
@@ -25,11 +28,12 @@ The machinery every catalogue row (analysis.verdicts) shares:
    a mean, its 95% interval excludes 0 on that side; anything else is noise. For an equivalence,
    positive means inside the margin. NaN seeds (no value, or both arms censored: undecided) are left
    out of the test (the effect's n counts the others; the arms' numbers count their censored runs).
-   The rule combines its effects' directions (`holds`, `all_of`, `any_of`, `no_worse`) into supported,
-   contradicted or inconclusive. One seed has no test, so it is always inconclusive; the note then
-   gives the verdict the point estimates lean to (each effect judged by the sign of its mean, or its
-   median when censored). An inconclusive verdict's note gives, for each effect that is noise, the
-   seeds needed for 80% power at alpha 0.05 at the observed effect and spread (`Effect.power`).
+   The rule combines its effects' directions (`all_of`, `any_of`, `no_worse`: +1, -1 or 0) and `holds`
+   turns the result into supported, contradicted or inconclusive. One seed has no test, so it is
+   always inconclusive; the note then gives the verdict the point estimates lean to (each effect
+   judged by the sign of its mean, or its median when censored). An inconclusive verdict's note
+   gives, for each effect that is noise, the seeds needed for 80% power at alpha 0.05 at the
+   observed effect and spread (`Effect.power`).
 4. "not run" when no group has what the rule needs (the knob, a needed value, or a metric).
 """
 
@@ -45,6 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from analysis.arms import of_phase
 from analysis.inference import (
     ALPHA,
     MAX_SEEDS,
@@ -58,22 +63,32 @@ from analysis.inference import (
     tost_pvalue,
 )
 from analysis.records import knob_columns, row_keys, sort_key, swept_knobs, value_key
-from analysis.stats import Censored, censored_summary, final_value, gain, samples_to_half_gain
+from analysis.stats import (
+    Censored,
+    censored_summary,
+    curve,
+    final_value,
+    gain,
+    initial_value,
+    max_value,
+    samples_to_half_gain,
+)
 
 VERDICTS = ("supported", "contradicted", "inconclusive", "not run")
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """One catalogue row's verdict with the numbers behind it, the seeds and where the runs came from."""
+    """One catalogue row's verdict with the numbers behind it, the seeds and where the runs came from;
+    `id` and `claim` are the row's, filled in by the claim registry (analysis.claims.registry)."""
 
-    id: str
-    claim: str
     verdict: str
     numbers: dict = field(default_factory=dict)
     seeds: int = 0
     source: str = ""
     note: str = ""
+    id: str = ""
+    claim: str = ""
 
 
 # --------------------------------------------------------------------------- effects and decisions
@@ -98,11 +113,13 @@ class Effect:
     """A per-seed number whose sign says whether one part of a claim holds for that seed.
 
     NaN: no value (left out of the test); ±inf: censored, only its sign is known. With a `margin` the
-    part is an equivalence, which holds for a seed when |value| < margin."""
+    part is an equivalence, which holds for a seed when |value| < margin. `alternative="greater"`: the
+    claim is one-sided (positive), tested one-sided in its direction."""
 
     name: str
     per_seed: Mapping[int, float]
     margin: float | None = None
+    alternative: str = "two-sided"
 
     def values(self) -> np.ndarray:
         """The seeds' values, NaN left out."""
@@ -127,10 +144,13 @@ class Effect:
         if values.size < 2:
             return Test(0, 1.0, "no test: fewer than two seeds")
         if self.margin is None:
-            if self.censored:
-                sign = int(np.sign((values > 0).sum() - (values < 0).sum()))
-                return Test(sign, sign_pvalue(values), "sign test")
-            return Test(int(np.sign(values.mean())), t_pvalue(values), "t test")
+            if self.censored:  # only the sides are known
+                sign, name, test = int(np.sign(np.sign(values).sum())), "sign test", sign_pvalue
+            else:
+                sign, name, test = int(np.sign(values.mean())), "t test", t_pvalue
+            if self.one_sided(sign):
+                return Test(1, test(values, alternative="greater"), f"one-sided {name}")
+            return Test(sign, test(values), name)
         if self.censored:
             return Test(-1, sign_pvalue(self._signs(), alternative="greater"), "sign test beyond the margin")
         inside = tost_pvalue(values, self.margin)
@@ -139,6 +159,10 @@ class Effect:
         if inside <= beyond:
             return Test(1, inside, "TOST inside the margin")
         return Test(-1, beyond, "t test beyond the margin")
+
+    def one_sided(self, sign: int) -> bool:
+        """True when a one-sided claim's direction is the one tested (the other way is two-sided)."""
+        return self.alternative == "greater" and sign > 0
 
     def lean(self) -> int:
         """The direction of the point estimate alone: the mean's sign (the median's when censored); for
@@ -165,7 +189,8 @@ class Effect:
             if share == 0.5 or (self.margin is not None and share < 0.5):
                 return "no effect observed"
             side = "positive" if self.margin is None else "beyond the margin"
-            needed = sign_seeds_needed(share, "two-sided" if self.margin is None else "greater")
+            one_sided = self.margin is not None or self.one_sided(1 if share > 0.5 else -1)
+            needed = sign_seeds_needed(share, "greater" if one_sided else "two-sided")
             test = f"sign test, {share:.0%} of seeds {side}"
         else:
             distance = values.mean() if self.margin is None else self.margin - abs(values.mean())
@@ -173,33 +198,35 @@ class Effect:
                 return "no effect observed"
             sd = float(values.std(ddof=1))
             size = abs(distance) / sd if sd > 0 else math.inf
-            needed = seeds_needed(size, "two-sided" if self.margin is None else "larger")
+            one_sided = self.margin is not None or self.one_sided(int(np.sign(distance)))
+            needed = seeds_needed(size, "larger" if one_sided else "two-sided")
             test = f"t test, effect size {size:.2g}"
         return f"{needed if needed is not None else f'> {MAX_SEEDS}'} seeds ({test})"
 
 
 # how a rule reads an effect's direction: Finding.strict for the verdict, Effect.lean for the note
 Direction = Callable[[Effect], int]
-Decide = Callable[[Direction], str]
+# a rule's decision: its effects' directions combined into the claim's (+1 holds, -1 fails, 0 open)
+Decide = Callable[[Direction], int]
 
 
 def holds(sign: int) -> str:
-    """A single-part claim: its verdict from the part's direction."""
+    """The verdict from a claim's direction: +1 supported, -1 contradicted, 0 inconclusive."""
     return {1: "supported", -1: "contradicted"}.get(sign, "inconclusive")
 
 
-def all_of(*signs: int) -> str:
-    """A conjunction: supported when every part clearly holds, contradicted when one clearly fails."""
+def all_of(*signs: int) -> int:
+    """A conjunction: +1 when every part clearly holds, -1 when one clearly fails, else 0."""
     if -1 in signs:
-        return "contradicted"
-    return "supported" if all(s == 1 for s in signs) else "inconclusive"
+        return -1
+    return 1 if all(s == 1 for s in signs) else 0
 
 
-def any_of(*signs: int) -> str:
-    """A disjunction: supported when one part clearly holds, contradicted when every part clearly fails."""
+def any_of(*signs: int) -> int:
+    """A disjunction: +1 when one part clearly holds, -1 when every part clearly fails, else 0."""
     if 1 in signs:
-        return "supported"
-    return "contradicted" if all(s == -1 for s in signs) else "inconclusive"
+        return 1
+    return -1 if all(s == -1 for s in signs) else 0
 
 
 def no_worse(sign: int) -> int:
@@ -217,6 +244,9 @@ class Finding:
     seeds: int
     note: str = ""
 
+    def verdict(self, direction: Direction) -> str:
+        return holds(self.decide(direction))
+
     @cached_property
     def adjusted(self) -> list[float]:
         """The effects' p-values (`Effect.test`), Holm-adjusted across this Finding, in order."""
@@ -224,13 +254,15 @@ class Finding:
 
     def strict(self, effect: Effect) -> int:
         """+1 clearly positive, -1 clearly negative, 0 noise: Holm-adjusted p < 0.05 in the direction
-        of the estimate and, for a difference with a mean, its 95% interval excluding 0 on that side."""
+        of the estimate and, for a difference with a mean, its 95% interval (a one-sided claim's 95%
+        bound in its direction) excluding 0 on that side."""
         index = next(i for i, e in enumerate(self.effects) if e is effect)
         sign = effect.test().sign
         if sign == 0 or not self.adjusted[index] < ALPHA:
             return 0
-        estimate = effect.summary()
-        if effect.margin is None and isinstance(estimate, Interval):
+        if effect.margin is None and not effect.censored:
+            one_sided = effect.one_sided(sign)
+            estimate = interval(effect.values(), 1 - 2 * ALPHA) if one_sided else effect.summary()
             return sign if (estimate.lo > 0 if sign > 0 else estimate.hi < 0) else 0
         return sign
 
@@ -252,30 +284,45 @@ class Group:
     def values(self) -> list:
         return sorted(self.cells, key=sort_key)
 
-    def measure(self, value: Any, fn: Callable[[pd.DataFrame], float]) -> dict[int, float]:
-        """Per seed: `fn` of each run of the cell, averaged over the runs of one seed (NaN left out; the
-        average is +inf, censored, when one of them is)."""
+    def measure(
+        self, value: Any, fn: Callable, levels: Mapping[int, float] | None = None
+    ) -> dict[int, float]:
+        """Per seed: `fn(history)` of each run of the cell, or `fn(history, levels[seed])` for a measure
+        taken at a per-seed level (NaN where the seed has none), averaged over the runs of one seed (NaN
+        left out; the average is +inf, censored, when one of them is)."""
         per_seed = {}
         for seed, run_ids in self.cells.get(value, {}).items():
-            results = [fn(self.histories[r]) for r in run_ids]
+            at = () if levels is None else (levels.get(seed, math.nan),)
+            results = [fn(self.histories[r], *at) for r in run_ids]
             finite = [x for x in results if not math.isnan(x)]
             per_seed[seed] = float(np.mean(finite)) if finite else float("nan")
         return per_seed
 
-    def paired(self, values: Sequence, fn: Callable[[pd.DataFrame], float]) -> tuple[dict, list[int]]:
+    def paired(
+        self, values: Sequence, fn: Callable, levels: Mapping[int, float] | None = None
+    ) -> tuple[dict, list[int]]:
         """`measure` for each of `values` and the seeds all of them have."""
-        per_value = {v: self.measure(v, fn) for v in values}
+        per_value = {v: self.measure(v, fn, levels) for v in values}
         seeds = set.intersection(*(set(p) for p in per_value.values())) if per_value else set()
         return per_value, sorted(seeds)
+
+    def curves(self, value: Any, metric: str, grid: np.ndarray) -> dict[int, np.ndarray]:
+        """Per seed: the metric interpolated on a samples grid, averaged over the seed's runs of the cell."""
+        return {
+            seed: np.mean([curve(self.histories[r], metric, grid) for r in run_ids], axis=0)
+            for seed, run_ids in self.cells.get(value, {}).items()
+        }
 
     def has_metric(self, metric: str) -> bool:
         return all(metric in h.columns and h[metric].notna().any() for h in self.histories.values())
 
 
 class Study:
-    """The ok runs and their RL rows, split into the comparison groups a row asks for."""
+    """The ok runs of one phase of a sweep (`of_phase`) and their RL rows, split into the comparison
+    groups a row asks for."""
 
-    def __init__(self, runs: pd.DataFrame, history: pd.DataFrame) -> None:
+    def __init__(self, runs: pd.DataFrame, history: pd.DataFrame, phase: str = "evaluate") -> None:
+        runs = of_phase(runs, phase)
         ok = runs[(runs["status"] == "ok") & runs["seed"].notna()]
         self.runs = ok.reset_index(drop=True)  # contexts are built from row labels, which must be unique
         self.histories = (
@@ -283,9 +330,14 @@ class Study:
         )
 
     def groups(
-        self, knobs: Sequence[str], where: Mapping[str, Any] | None = None, min_values: int = 2
+        self,
+        knobs: Sequence[str],
+        where: Mapping[str, Any] | None = None,
+        min_values: int = 2,
+        exclude: Sequence[str] = (),
     ) -> list[Group]:
-        """Groups of runs with the `knobs` set, matching `where`, in each context of the other swept knobs.
+        """Groups of runs with the `knobs` set, matching `where`, in each context of the other swept knobs
+        (`exclude`: knobs that make no context, such as those a derived knob is made of).
 
         A group needs at least `min_values` distinct values of the knobs (a tuple when there are several).
         """
@@ -297,7 +349,7 @@ class Study:
         if any(k not in runs.columns for k in knobs):
             return []
         runs = runs[runs[list(knobs)].notna().all(axis=1)]
-        exclude = [*knobs, *(where or {})]
+        exclude = [*knobs, *(where or {}), *exclude]
         if "algorithm.name" in knobs:
             # algorithms differ in their own hyperparameters by construction
             exclude += [c for c in knob_columns(runs) if c.startswith("algorithm.")]
@@ -359,14 +411,46 @@ def difference(
     return effect, means(label, per_value, seeds), seeds
 
 
+def lead(label: str, per_value: dict, seeds: Iterable[int], leader: Any, smallest: bool = False) -> Effect:
+    """Per seed, how far `leader`'s measure is beyond every other value's: leader - the largest other,
+    or the smallest other - leader for a claim that it is the smallest; positive = it leads. NaN when
+    a value has none; ±inf when one side is censored (a level never reached)."""
+
+    def ahead(m: dict) -> float:
+        others = [x for v, x in m.items() if v != leader]
+        if smallest:
+            return float(np.min(others)) - m[leader]  # numpy's min and max propagate NaN
+        return m[leader] - float(np.max(others))
+
+    other = "smallest other" if smallest else "largest other"
+    name = f"{other} - {label} [{leader}]" if smallest else f"{label} [{leader}] - {other}"
+    return seed_effect(name, per_value, seeds, ahead)
+
+
+def common_level(group: Group, values: Sequence, metric: str, share: float, of: Callable = min) -> dict:
+    """Per seed, one absolute level of `metric` for all `values`: the start (their mean value at
+    iteration 0, the seed's SFT policy) + `share` x `of` their rises to their peaks. With `min` and share 1
+    the highest level every value reaches; with `max` and share 1/2 half way to the best one's peak, a
+    level a slower one may never reach (censored). NaN where that rise is not positive."""
+    start, _ = group.paired(values, partial(initial_value, metric=metric))
+    peak, seeds = group.paired(values, partial(max_value, metric=metric))
+    levels = {}
+    for s in seeds:
+        begin = float(np.mean([start[v][s] for v in values]))
+        rise = of(peak[v][s] - begin for v in values)
+        levels[s] = begin + share * rise if rise > 0 else math.nan
+    return levels
+
+
 def two_values(
     group: Group,
     parts: Sequence[tuple[str, Callable[[pd.DataFrame], float], Any, Any]],
-    decide: Callable[..., str],
+    combine: Callable[..., int] = all_of,
 ) -> Finding | None:
     """Compare two knob values on each part (label, measure, x, y): the effect is measure(x) - measure(y)
-    per seed, oriented so that positive is the claim's direction, and `decide(*signs)` turns the parts'
-    signs, in order, into the verdict. None when the group lacks one of the values."""
+    per seed, oriented so that positive is the claim's direction, and `combine(*signs)` turns the parts'
+    signs, in order, into the claim's (every part must hold, by default). None when the group lacks one
+    of the values."""
     if any(v not in group.cells for _, _, x, y in parts for v in (x, y)):
         return None
     effects, numbers, seeds = [], {}, []
@@ -374,7 +458,7 @@ def two_values(
         effect, part_numbers, seeds = difference(group, label, x, y, fn)
         effects.append(effect)
         numbers.update(part_numbers)
-    return finding(lambda direction: decide(*map(direction, effects)), effects, numbers, len(seeds))
+    return finding(effects, numbers, len(seeds), lambda direction: combine(*map(direction, effects)))
 
 
 def reporting(found: Finding | None, group: Group, value: Any, parts: Sequence[tuple]) -> Finding | None:
@@ -385,10 +469,16 @@ def reporting(found: Finding | None, group: Group, value: Any, parts: Sequence[t
     return found
 
 
-def finding(decide: Decide, effects: list[Effect], numbers: dict, seeds: int, note: str = "") -> Finding:
+def finding(
+    effects: list[Effect], numbers: dict, seeds: int, decide: Decide | None = None, note: str = ""
+) -> Finding:
     """A Finding whose numbers also hold every effect's `summary` and its p-value (Holm-adjusted across
-    the effects when there are several)."""
-    found = Finding(decide, effects, dict(numbers), seeds, note)
+    the effects when there are several). `decide` defaults to "every effect holds"."""
+
+    def every(direction: Direction) -> int:
+        return all_of(*map(direction, effects))
+
+    found = Finding(decide or every, effects, dict(numbers), seeds, note)
     holm_note = ", Holm-adjusted" if len(effects) > 1 else ""
     for effect, p in zip(effects, found.adjusted):
         found.numbers[effect.name] = effect.summary()
@@ -399,20 +489,18 @@ def finding(decide: Decide, effects: list[Effect], numbers: dict, seeds: int, no
 DIRECTION = {1: "clearly positive", -1: "clearly negative", 0: "noise"}
 
 
-def judge(
-    row: str, claim: str, groups: list[Group], rule: Callable[[Group], Finding | None], missing: str
-) -> Verdict:
+def judge(groups: list[Group], rule: Callable[[Group], Finding | None], missing: str) -> Verdict:
     """Apply `rule` in every group and combine: the groups must agree, else inconclusive."""
     found = [(g, f) for g in groups for f in [rule(g)] if f is not None]
     if not found:
-        return Verdict(row, claim, "not run", note=f"needs {missing}")
-    strict = {f.decide(f.strict) for _, f in found}
-    lean = {f.decide(Effect.lean) for _, f in found}
+        return Verdict("not run", note=f"needs {missing}")
+    strict = {f.verdict(f.strict) for _, f in found}
+    lean = {f.verdict(Effect.lean) for _, f in found}
     verdict = next(iter(strict)) if len(strict) == 1 else "inconclusive"
     seeds = min(f.seeds for _, f in found)
     notes = [n for g, f in found for n in (g.note, f.note) if n]
     if len(found) > 1:
-        notes.append("contexts: " + "; ".join(f"{g.label}: {f.decide(f.strict)}" for g, f in found))
+        notes.append("contexts: " + "; ".join(f"{g.label}: {f.verdict(f.strict)}" for g, f in found))
     for g, f in found:
         if len(f.effects) > 1:  # say which part of a composite rule decided
             parts = "; ".join(f"{e.name}: {DIRECTION[f.strict(e)]}" for e in f.effects)
@@ -442,8 +530,6 @@ def judge(
         prefix = f"{g.label}: " if len(found) > 1 and g.label else ""
         numbers.update({prefix + k: v for k, v in f.numbers.items()})
     return Verdict(
-        row,
-        claim,
         verdict,
         numbers,
         seeds,

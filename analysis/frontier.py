@@ -13,11 +13,13 @@ of sqrt(KL from the initial policy). Here:
   curve is the mean of its runs' paths read this way on a common sqrt(KL) grid.
 
 `gold_at_kl` gives the per-run values (paired with each run's own best-of-n curve via `artifact`),
-`gold_at_kl_table` the markdown-ready table, `frontier_figure` the plot. No torch here.
+`gold_at_kl_table` the markdown-ready table, `frontier_figure` the plot, `matched_gold` one run and its
+best-of-n curve at the largest KL both reach (the bon_frontier row). No torch here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +90,19 @@ def bon_paths(bon: pd.DataFrame | None, runs: pd.DataFrame | None = None) -> dic
 
 def _xy(curve: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return curve["sqrt_kl"].to_numpy(dtype=float), curve["gold_mean"].to_numpy(dtype=float)
+
+
+def matched_gold(history: pd.DataFrame, curve: pd.DataFrame) -> tuple[float, float, float]:
+    """(sqrt KL, the run's gold, best-of-n's gold) at the largest sqrt(KL) both paths reach: the run's
+    own largest, or best-of-N's when the run drifted further; each path read where it first reaches it.
+    NaNs when the run has no path."""
+    x, y = run_path(history)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    bon_x, bon_y = _xy(curve)
+    matched = min(float(x.max()), float(bon_x.max()))
+    run_gold, bon_gold = (float(first_crossing(*path, [matched])[0]) for path in ((x, y), (bon_x, bon_y)))
+    return matched, run_gold, bon_gold
 
 
 # --------------------------------------------------------------------------- gold at KL budgets

@@ -79,23 +79,24 @@ def use_bootstrap(values: Iterable[float]) -> bool:
     return abs(float(st.skew(array, bias=False))) > SKEW
 
 
-def interval(values: Iterable[float]) -> Interval:
-    """Mean and 95% interval of the non-NaN `values`: BCa bootstrap (`scipy.stats.bootstrap`, 9999
-    resamples, fixed seed) when `use_bootstrap`, else Student t, mean ± t.ppf(0.975, n-1) * sd / sqrt(n).
-    One value has no interval (lo = hi = NaN)."""
+def interval(values: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean and 95% interval (or at `confidence`: 90% gives the 95% one-sided bounds) of the non-NaN
+    `values`: BCa bootstrap (`scipy.stats.bootstrap`, 9999 resamples, fixed seed) when `use_bootstrap`,
+    else Student t, mean ± t.ppf((1 + confidence) / 2, n-1) * sd / sqrt(n). One value has no interval
+    (lo = hi = NaN)."""
     array = _finite(values)
     if use_bootstrap(array):
         result = st.bootstrap(
             (array,),
             np.mean,
-            confidence_level=CONFIDENCE,
+            confidence_level=confidence,
             n_resamples=BOOTSTRAP_RESAMPLES,
             method="BCa",
             random_state=np.random.default_rng(0),  # `rng` needs scipy 1.15
         )
         low, high = result.confidence_interval
         return Interval(float(array.mean()), float(low), float(high), array.size, "bootstrap")
-    ci = mean_ci(array)
+    ci = mean_ci(array, confidence)
     return Interval(ci.mean, ci.lo, ci.hi, ci.n, "t")
 
 

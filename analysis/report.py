@@ -23,12 +23,13 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.arms import arms_table, evaluation_runs, read_tuning, tuning_table
+from analysis.arms import arms_table, of_phase, read_tuning, tuning_table
+from analysis.claims import evaluate_all
+from analysis.compare import Verdict
 from analysis.frontier import frontier_figure, gold_at_kl_table
 from analysis.plots import make_figures
 from analysis.records import Records, load_local, load_wandb, series
 from analysis.stats import CI, final_value, gain, mean_ci
-from analysis.verdicts import Verdict, evaluate_all
 
 FINAL_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
 
@@ -88,7 +89,7 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
 def build_report(records: Records, out: Path) -> str:
     """Write the figures and `out/report.md`; return the report's tables as text."""
     # a tuning grid's runs choose the arms; only the evaluation runs are compared
-    runs = evaluation_runs(records.runs)
+    runs = of_phase(records.runs)
     ok = runs[runs["status"] == "ok"]
     ok_history = records.history[records.history["run"].isin(ok["run"])]
     counts = runs["status"].value_counts()
@@ -120,7 +121,8 @@ def build_report(records: Records, out: Path) -> str:
     )
     if len(ok) < len(runs):
         sections.append("## Failed or incomplete runs\n\n" + failures_table(runs))
-    verdicts = evaluate_all(runs, records.history, records.benchmarks)
+    # every phase of a tuned sweep: a row that judges the tuning grid (tuning_sensitivity) reads it
+    verdicts = evaluate_all(records.runs, records.history, records.benchmarks, records.best_of_n)
     sections.append(
         "## Verdicts (shared/ABLATIONS.md)\n\nEach rule is applied per seed, then across seeds, at equal "
         "samples: an effect is clear when its test (t; the exact sign test where a seed is censored) "

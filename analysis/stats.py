@@ -7,14 +7,21 @@ is read from the rows that have it (an eval metric is on eval rows only).
   iterations (iteration > 0.9 * last iteration); when none of them has the metric (an eval every 5
   iterations in a 30-iteration run), the last row that has it.
 - `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = final - initial.
-- `samples_to_half_gain`: the first number of generated samples at which the metric, linearly
-  interpolated between its rows, reaches initial + gain / 2; +inf (censored: never reached within the
-  run's samples) when the gain is not positive.
+- `samples_to_level`: the first number of generated samples at which the metric, linearly interpolated
+  between its rows, reaches a level; +inf (censored: never reached within the run's samples) when it
+  does not. `samples_to_half_gain` is it at initial + gain / 2 (censored when the gain is not positive);
+  `at_level` reads another metric at that sample count, `value_at` a metric at a given one.
+- `first_value`: the mean over the first 10% of the iterations (the counterpart of `final_value`, for
+  metrics without an iteration-0 row, such as training ones); `change` = final - first.
+- `early_mean`: the mean over the rows within the first fraction of the run's samples.
+- `variation`: the coefficient of variation (sd / mean, ddof=1) of a series over iterations, a
+  scale-free spread that rescaling the series leaves unchanged.
 - `step_std`: the standard deviation of the iteration-to-iteration changes of a series (its first
   differences), a roughness measure that a steady trend does not inflate.
-- `mean_ci`: the mean across seeds and the half-width of its 95% Student-t interval,
-  t.ppf(0.975, n-1) * sd / sqrt(n) with the sample sd (ddof=1). One value (n=1) has no interval:
-  the half-width is NaN, and the verdicts read that as "cannot tell the effect from the noise".
+- `mean_ci`: the mean across seeds and the half-width of its 95% Student-t interval (or another
+  confidence c), t.ppf((1 + c) / 2, n-1) * sd / sqrt(n) with the sample sd (ddof=1). One value (n=1)
+  has no interval: the half-width is NaN, and the verdicts read that as "cannot tell the effect from
+  the noise".
   A censored value (±inf) has no mean: `mean_ci` refuses it.
 - `censored_summary`: values some of which are censored (+inf: never reached) are summarised by their
   median with the censored ones ranked last, and the counts reached and censored, never by a mean.
@@ -59,28 +66,29 @@ class CI:
         return f"{self.mean:.3g} ± {self.half:.2g} (n={self.n})"
 
 
-def band(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column-wise mean, 95% half-width and count of a (runs x points) array, ignoring NaN."""
+def band(matrix: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise mean, half-width of the t interval at `confidence` and count of a (runs x points)
+    array, ignoring NaN."""
     matrix = np.atleast_2d(np.asarray(matrix, dtype=float))
     n = np.sum(~np.isnan(matrix), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.nansum(matrix, axis=0) / n
         sd = np.sqrt(np.nansum((matrix - mean) ** 2, axis=0) / (n - 1))
-        half = st.t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+        half = st.t.ppf((1 + confidence) / 2, n - 1) * sd / np.sqrt(n)
     half = np.where(n >= 2, half, np.nan)
     return np.where(n >= 1, mean, np.nan), half, n
 
 
-def mean_ci(values: Iterable[float]) -> CI:
-    """Mean and 95% Student-t half-width of `values` (NaN values are left out); ValueError on a
-    censored (infinite) value, which must never be averaged as if reached."""
+def mean_ci(values: Iterable[float], confidence: float = 0.95) -> CI:
+    """Mean and Student-t half-width at `confidence` of `values` (NaN values are left out); ValueError
+    on a censored (infinite) value, which must never be averaged as if reached."""
     array = np.asarray(list(values), dtype=float)
     array = array[~np.isnan(array)]
     if np.isinf(array).any():
         raise ValueError("censored (infinite) values have no mean: use censored_summary")
     if array.size == 0:
         return CI(float("nan"), float("nan"), 0)
-    mean, half, n = band(array[:, None])
+    mean, half, n = band(array[:, None], confidence)
     return CI(float(mean[0]), float(half[0]), int(n[0]))
 
 
@@ -165,25 +173,72 @@ def gain(history: pd.DataFrame, metric: str) -> float:
     return final_value(history, metric) - initial_value(history, metric)
 
 
-def samples_to_half_gain(history: pd.DataFrame, metric: str) -> float:
-    """First samples count at which the interpolated metric reaches initial + gain / 2; +inf (censored)
-    when the gain is not positive (the run never rises), NaN when the run lacks the metric."""
-    total = gain(history, metric)
-    if math.isnan(total):
+def first_value(history: pd.DataFrame, metric: str) -> float:
+    """Mean of `metric` over the first 10% of the run's iterations (at least its first value)."""
+    rows = series(history, metric)
+    if rows.empty:
         return float("nan")
-    if not total > 0:
-        return math.inf
-    target = initial_value(history, metric) + total / 2
+    window = rows[rows["x"] <= FINAL_FRACTION * float(history["iteration"].max())]
+    return float(window["y"].mean() if not window.empty else rows["y"].iloc[0])
+
+
+def change(history: pd.DataFrame, metric: str) -> float:
+    """Final minus first value: the drift of a metric that has no iteration-0 row."""
+    return final_value(history, metric) - first_value(history, metric)
+
+
+def samples_to_level(history: pd.DataFrame, metric: str, level: float) -> float:
+    """First samples count at which the interpolated metric reaches `level`; +inf (censored) when it
+    never does within the run, NaN when the run lacks the metric or the level is NaN."""
     rows = series(history, metric, x="samples")
+    if rows.empty or math.isnan(level):
+        return float("nan")
     x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
-    reached = np.flatnonzero(y >= target)
+    reached = np.flatnonzero(y >= level)
     if reached.size == 0:
         return math.inf
     i = reached[0]
     if i == 0:
         return float(x[0])
-    # the crossing on the straight segment from the last row below the target to the first at or above it
-    return float(x[i - 1] + (target - y[i - 1]) / (y[i] - y[i - 1]) * (x[i] - x[i - 1]))
+    # the crossing on the straight segment from the last row below the level to the first at or above it
+    return float(x[i - 1] + (level - y[i - 1]) / (y[i] - y[i - 1]) * (x[i] - x[i - 1]))
+
+
+def samples_to_half_gain(history: pd.DataFrame, metric: str) -> float:
+    """`samples_to_level` at initial + gain / 2; +inf (censored) when the gain is not positive (the run
+    never rises), NaN when the run lacks the metric."""
+    total = gain(history, metric)
+    if math.isnan(total):
+        return float("nan")
+    if not total > 0:
+        return math.inf
+    return samples_to_level(history, metric, initial_value(history, metric) + total / 2)
+
+
+def value_at(history: pd.DataFrame, metric: str, samples: float) -> float:
+    """The metric interpolated at a samples count; NaN outside the run's rows."""
+    rows = series(history, metric, x="samples")
+    return float(interpolate(rows["x"], rows["y"], [samples])[0])
+
+
+def at_level(history: pd.DataFrame, metric: str, level: float, other: str) -> float:
+    """`other` where `metric` first reaches `level` (both interpolated in samples); NaN when it never
+    does."""
+    samples = samples_to_level(history, metric, level)
+    return value_at(history, other, samples) if math.isfinite(samples) else float("nan")
+
+
+def early_mean(history: pd.DataFrame, metric: str, fraction: float) -> float:
+    """Mean of `metric` over the rows within the first `fraction` of the run's samples."""
+    rows = series(history, metric, x="samples")
+    return float(rows.loc[rows["x"] <= fraction * float(history["samples"].max()), "y"].mean())
+
+
+def variation(history: pd.DataFrame, metric: str) -> float:
+    """Coefficient of variation of `metric` over its rows, sd (ddof=1) / mean (`scipy.stats.variation`);
+    NaN for fewer than two rows."""
+    values = series(history, metric)["y"].to_numpy()
+    return float(st.variation(values, ddof=1)) if values.size >= 2 else float("nan")
 
 
 def step_std(history: pd.DataFrame, metric: str) -> float:

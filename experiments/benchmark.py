@@ -28,7 +28,7 @@ minibatch of random tokens: every role's rollout pass, then the actor's and crit
 backward and AdamW step. Each is measured in a fresh process, beside one model alone run
 forward over the same minibatch: the weights held (parameters and buffers, a storage shared
 by roles counted once) and the peak memory over the process's size before building. Besides
-the report it writes ``memory_<mode>-*.json`` per mode, the results analysis/verdicts.py reads.
+the report it writes ``memory_<mode>-*.json`` per mode, the results analysis/claims reads.
 
 Each run writes one JSON file under ``--out`` and prints its tables. Peak memory is the
 process's resident set on CPU (its high-water mark reset per measurement where Linux allows)
@@ -673,7 +673,7 @@ def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     results = []
     for mode, measured in held.items():
-        # the fields analysis/verdicts.py's multi_adapter_memory reads, one file per mode
+        # the fields analysis/claims/source_000.py multi_adapter_memory reads, one file per mode
         result = {
             "mode": mode,
             "peak_bytes": measured["rollout_peak_bytes"],

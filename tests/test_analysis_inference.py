@@ -10,7 +10,8 @@ import pytest
 from scipy import stats as st
 from test_analysis_support import synthetic_run
 
-from analysis.compare import Effect, Finding, holds
+from analysis.claims import REGISTRY
+from analysis.compare import Effect, Finding
 from analysis.inference import (
     holm,
     interval,
@@ -23,7 +24,6 @@ from analysis.inference import (
 )
 from analysis.records import frames_from_records
 from analysis.stats import Censored
-from analysis.verdicts import rrhf_fast_but_far, three_algorithms
 
 # --------------------------------------------------------------------------- Holm
 
@@ -44,10 +44,10 @@ def test_holm_corrects_the_effects_of_one_finding():
     p = 2 * st.t.sf(2 / (0.6 / math.sqrt(3)), 2)
     assert t_pvalue(NEAR) == pytest.approx(p) and p < 0.05 < 2 * p
     alone = Effect("a", dict(enumerate(NEAR)))
-    single = Finding(lambda d: holds(d(alone)), [alone], {}, 3)
+    single = Finding(lambda d: d(alone), [alone], {}, 3)
     assert single.adjusted == pytest.approx([p]) and single.strict(alone) == 1
     first, second = Effect("a", dict(enumerate(NEAR))), Effect("b", dict(enumerate(NEAR)))
-    pair = Finding(lambda d: holds(d(first)), [first, second], {}, 3)
+    pair = Finding(lambda d: d(first), [first, second], {}, 3)
     assert pair.adjusted == pytest.approx([2 * p, 2 * p])
     assert pair.strict(first) == pair.strict(second) == 0
 
@@ -170,6 +170,10 @@ def test_t_interval_by_default():
     assert (result.lo, result.hi) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
     with pytest.raises(ValueError, match="censored"):
         interval([1.0, math.inf])
+    # at 90%: the 95% one-sided bounds a one-sided claim is judged by
+    ninety = interval(values, 0.90)
+    expected = st.t.interval(0.90, 3, loc=np.mean(values), scale=st.sem(values))
+    assert (ninety.lo, ninety.hi) == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------- censored values
@@ -186,48 +190,54 @@ def test_time_to_reach_is_decided_per_seed_by_its_side():
     assert effect.test() == (1, pytest.approx(2 * 8 / 128), "sign test")  # P(K >= 6 | n = 7) = 8 / 128
 
 
-def rrhf_sweep(rrhf_gains: list[float]):
-    """PPOs rise linearly (half gain at 640 of 1280 samples), RRHF faster (speed 4) with the given gain
-    per seed and twice the KL."""
+def rrhf_online_sweep(offline_golds: list[float]):
+    """Online rises fast (speed 4) by 0.5 gold; offline linearly by the given gold per seed. The level:
+    half way from the start to the better peak, 0.25 above the start while offline's gold <= 0.5."""
     records = []
-    for seed, rrhf_gain in enumerate(rrhf_gains):
+    for seed, offline in enumerate(offline_golds):
         records += [
-            synthetic_run(f"gae-{seed}", seed, {"algorithm.name": "ppo_gae"}),
-            synthetic_run(f"sampled-{seed}", seed, {"algorithm.name": "ppo_sampled"}),
-            synthetic_run(f"rrhf-{seed}", seed, {"algorithm.name": "rrhf"}, gain=rrhf_gain, speed=4, kl=2),
+            synthetic_run(
+                f"on-{seed}", seed, {"algorithm.name": "rrhf", "algorithm.mode": "online"}, speed=4
+            ),
+            synthetic_run(
+                f"off-{seed}", seed, {"algorithm.name": "rrhf", "algorithm.mode": "offline"}, gold=offline
+            ),
         ]
     return frames_from_records(records)
 
 
-def test_censored_half_gain_is_never_averaged():
-    """RRHF never rises in seed 2: its time is censored, so the median, not a mean with the budget (or
-    over the seeds that reached), is reported, and the seed counts against RRHF in a sign test."""
-    reached = rrhf_fast_but_far(*rrhf_sweep([1.0, 1.0]))
-    assert reached.verdict == "supported"  # the two seeds that reached: clearly faster and further
-    fast = reached.numbers["samples to half gain [rrhf]"].mean
-    verdict = rrhf_fast_but_far(*rrhf_sweep([1.0, 1.0, -0.5]))
-    times = verdict.numbers["samples to half gain [rrhf]"]
-    assert times == Censored(median=fast, measured=2, censored=1)
-    assert str(times) == f"median {fast:.3g} (2 measured, 1 censored)"
-    assert times.median != pytest.approx((2 * fast + 1280) / 3)  # the budget averaged in
-    effect = "fewest PPO half-gain samples - RRHF's"
-    assert verdict.numbers[effect] == Censored(median=640 - fast, measured=2, censored=1)
-    # 2 faster, 1 slower of 3: the sign test's p is 1, where the reached seeds alone were clear
-    assert verdict.numbers[f"{effect}: p (sign test, Holm-adjusted)"] == 1.0
+def test_censored_time_to_a_level_is_never_averaged():
+    """Offline never rises in seed 2: its samples to the level are censored, so the median, not a mean
+    with the budget (or over the seeds that reached), is reported, and the seed counts by its side in a
+    sign test."""
+    rrhf_online = REGISTRY["rrhf_online"]
+    reached = rrhf_online(*rrhf_online_sweep([0.5, 0.5]))
+    slow = reached.numbers["samples to the level [offline]"].mean
+    assert slow == pytest.approx(640)  # linear to 0.5: half way at half the 1280 samples
+    verdict = rrhf_online(*rrhf_online_sweep([0.5, 0.5, -0.5]))
+    samples = verdict.numbers["samples to the level [offline]"]
+    assert samples == Censored(median=slow, measured=2, censored=1)
+    assert str(samples) == f"median {slow:.3g} (2 measured, 1 censored)"
+    assert samples.median != pytest.approx((2 * slow + 1280) / 3)  # the budget averaged in
+    fast = verdict.numbers["samples to the level [online]"].mean
+    effect = "samples to the level [offline] - [online]"
+    assert verdict.numbers[effect] == Censored(median=slow - fast, measured=2, censored=1)
+    # 3 of 3 seeds positive: the two-sided sign test's p is 2 / 8, doubled by Holm (the seconds' part is
+    # censored alike), where the reached seeds alone were clear
+    assert reached.verdict == "supported"
+    assert verdict.numbers[f"{effect}: p (sign test, Holm-adjusted)"] == pytest.approx(2 * 2 / 8)
     assert verdict.verdict == "inconclusive"
-    assert f"{effect}: " + f"{hand_sign_seeds(2 / 3, True)} seeds (sign test, 67% of seeds positive)" in (
-        verdict.note
-    )
+    assert f"{effect}: {hand_sign_seeds(1.0, True)} seeds (sign test, 100% of seeds positive)" in verdict.note
 
 
 def test_every_seed_censored_is_clearly_slower():
-    verdict = rrhf_fast_but_far(*rrhf_sweep([-0.5] * 6))
-    assert verdict.numbers["samples to half gain [rrhf]"] == Censored(math.inf, 0, 6)
-    # 0 of 6 faster: sign test p = 2 / 64, Holm with the KL part's p = 0: still below 0.05
-    assert verdict.numbers["fewest PPO half-gain samples - RRHF's: p (sign test, Holm-adjusted)"] == (
-        pytest.approx(2 / 64)
+    verdict = REGISTRY["rrhf_online"](*rrhf_online_sweep([-0.5] * 7))
+    assert verdict.numbers["samples to the level [offline]"] == Censored(math.inf, 0, 7)
+    # 7 of 7 online faster: sign test p = 2 / 128 for samples and for seconds, Holm: 2 x 2 / 128 < 0.05
+    assert verdict.numbers["samples to the level [offline] - [online]: p (sign test, Holm-adjusted)"] == (
+        pytest.approx(4 / 128)
     )
-    assert verdict.verdict == "contradicted"
+    assert verdict.verdict == "supported"
 
 
 def three_algorithm_sweep(rrhf_gains: list[float]):
@@ -243,7 +253,7 @@ def three_algorithm_sweep(rrhf_gains: list[float]):
 
 def test_three_algorithms_equivalence_is_a_tost_on_log_ratios():
     rrhf = [1.05, 1.2, 0.95, 1.25]
-    verdict = three_algorithms(*three_algorithm_sweep(rrhf))
+    verdict = REGISTRY["three_algorithms"](*three_algorithm_sweep(rrhf))
     ratios = [math.log(max(1.0, 1.1, g) / min(1.0, 1.1, g)) for g in rrhf]
     name = "log(largest / smallest proxy gain)"
     assert verdict.numbers[name].mean == pytest.approx(np.mean(ratios))
@@ -257,12 +267,12 @@ def test_three_algorithms_equivalence_is_a_tost_on_log_ratios():
 
 
 def test_three_algorithms_non_positive_gain_is_censored_above_the_margin():
-    verdict = three_algorithms(*three_algorithm_sweep([1.05, 1.2, -0.3]))
+    verdict = REGISTRY["three_algorithms"](*three_algorithm_sweep([1.05, 1.2, -0.3]))
     name = "log(largest / smallest proxy gain)"
     assert verdict.numbers[name] == Censored(median=math.log(1.2), measured=2, censored=1)
     assert verdict.verdict == "inconclusive"  # never supported with a censored seed
     assert "1 of 3 seeds have a non-positive proxy gain" in verdict.note
     # every seed censored: 6 of 6 beyond the margin, one-sided sign test p = 1 / 64
-    all_censored = three_algorithms(*three_algorithm_sweep([-0.3] * 6))
+    all_censored = REGISTRY["three_algorithms"](*three_algorithm_sweep([-0.3] * 6))
     assert all_censored.numbers[f"{name}: p (sign test beyond the margin)"] == pytest.approx(1 / 64)
     assert all_censored.verdict == "contradicted"

@@ -9,9 +9,9 @@ import pytest
 from test_analysis_support import synthetic_run, write_job
 
 from analysis import report
+from analysis.claims import REGISTRY
 from analysis.records import Records, frames_from_records
 from analysis.report import main
-from analysis.verdicts import CLAIMS
 
 ALGORITHM_GAINS = {"ppo_gae": 1.0, "ppo_sampled": 1.1, "rrhf": 0.9}
 
@@ -43,7 +43,7 @@ def test_report_end_to_end(sweep, capsys):
     assert "| ppo_sampled | 3 | 3 | 1280 |" in report  # series table: runs, seeds, samples
     assert "ValueError: bad lr" in report
     verdict_lines = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| ")}
-    for row in CLAIMS:
+    for row in REGISTRY:
         assert row in verdict_lines
     assert " | supported | " in verdict_lines["three_algorithms"]
     assert " | not run | " in verdict_lines["ema"]

@@ -11,17 +11,24 @@ from scipy import stats as st
 
 from analysis.stats import (
     Censored,
+    at_level,
     band,
     censored_summary,
+    change,
     curve,
+    early_mean,
     final_value,
+    first_value,
     gain,
     initial_value,
     interpolate,
     mean_ci,
     samples_grid,
     samples_to_half_gain,
+    samples_to_level,
     step_std,
+    value_at,
+    variation,
 )
 
 
@@ -98,6 +105,39 @@ def test_gain_and_half_gain():
     # a run that never rises never reaches its half gain: censored (+inf), not a number of samples
     assert samples_to_half_gain(history([1.0, 0.5, 0.0]), "m") == math.inf
     assert math.isnan(samples_to_half_gain(history([1.0, 0.5, 0.0]), "other"))
+
+
+def test_levels_and_values_read_on_the_samples_axis():
+    rows = history([1.0, 1.0, 2.0, 5.0, 5.0]).assign(kl=[0.0, 1.0, 2.0, 4.0, 8.0])  # samples 0..40
+    # level 4: between samples 20 (2.0) and 30 (5.0), two thirds of the way
+    assert samples_to_level(rows, "m", 4.0) == pytest.approx(20 + 20 / 3)
+    assert samples_to_level(rows, "m", 0.5) == 0.0  # reached at the start
+    assert samples_to_level(rows, "m", 6.0) == math.inf  # never: censored
+    assert math.isnan(samples_to_level(rows, "m", math.nan)) and math.isnan(samples_to_level(rows, "x", 1))
+    assert value_at(rows, "kl", 25.0) == pytest.approx(3.0) and math.isnan(value_at(rows, "kl", 50.0))
+    # the KL where m first reaches 4: at samples 26.67, two thirds from 2 to 4
+    assert at_level(rows, "m", 4.0, "kl") == pytest.approx(2 + 2 * 2 / 3)
+    assert math.isnan(at_level(rows, "m", 6.0, "kl"))
+
+
+def test_first_value_change_and_early_mean():
+    values = list(range(21))  # iterations 0..20: first 10% = iterations 0, 1, 2; last = 19, 20
+    assert first_value(history(values), "m") == pytest.approx(1.0)
+    assert change(history(values), "m") == pytest.approx(19.5 - 1.0)
+    # a training metric without an iteration-0 row, every 5 iterations from 5: the first one
+    training = history(values).assign(m=[np.nan if i % 5 or i == 0 else float(i) for i in values])
+    assert first_value(training, "m") == 5.0
+    # samples 0..200: the first 25% are samples <= 50, iterations 0..5
+    assert early_mean(history(values), "m", 0.25) == pytest.approx(2.5)
+
+
+def test_variation_is_scipys_coefficient_of_variation():
+    values = [1.0, 1.5, 0.5, 1.2, 0.8]
+    assert variation(history(values), "m") == pytest.approx(np.std(values, ddof=1) / np.mean(values))
+    assert variation(history(values), "m") == pytest.approx(st.variation(values, ddof=1))
+    # scale-free: rescaling the series (as whitening rescales the advantages) leaves it unchanged
+    assert variation(history([4 * v for v in values]), "m") == pytest.approx(variation(history(values), "m"))
+    assert math.isnan(variation(history([1.0]), "m"))
 
 
 def test_censored_values_are_never_averaged():

@@ -99,7 +99,7 @@ def test_memory_reports_both_storage_modes_in_the_files_analysis_reads(tmp_path,
     report = json.loads(path.read_text())
     results = {r["mode"]: r for r in report["results"]}
     assert list(results) == ["none", "lora_multi_adapter"]
-    # one file per mode with the fields analysis/verdicts.py reads (the report itself has no mode)
+    # one file per mode with the fields analysis/claims reads (the report itself has no mode)
     assert sorted(r["mode"] for r in load_benchmarks([tmp_path]) if "mode" in r) == sorted(results)
     full, lora = results["none"], results["lora_multi_adapter"]
     one = full["one_model_tensor_bytes"]
