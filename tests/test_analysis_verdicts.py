@@ -147,7 +147,7 @@ SCENARIOS: dict[str, list[Arm]] = {
     ],
     "rm_pooling": [
         (
-            {"critic.init": "reward"},
+            {"critic.init": "reward_last"},
             lambda e: {"gold": 0.5 + 0.5 * e, "train": {"train/explained_variance": constant(0.5 + 0.3 * e)}},
         ),
         ({"critic.init": "sft"}, lambda e: {"train": {"train/explained_variance": constant(0.5)}}),

@@ -3,8 +3,8 @@
 Gold first (shared/ABLATIONS.md, protocol item 1): on a task with a gold reward "better" is higher gold,
 and the proxy (the reward model's score) and the KL are reported beside it (`beside`); without gold the
 proxy is the measure. Every metric below is logged by backbone/trainer.py or an algorithm's loss
-statistics, except those marked "to come", which other work adds; a rule whose metric is absent
-answers "not run" and names it.
+statistics; a rule whose metric is absent (a run of an older version, a knob left off) answers
+"not run" and names it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ EXPLAINED_VARIANCE = "train/explained_variance"  # the critic's fit of the retur
 TRAIN_REWARD = "rollout/reward_mean"  # the raw reward-model score, whatever the normalisation
 NEGATIVE_SHARE = "rollout/kl_negative_frac"  # share of responses with a negative KL estimate
 KL_ESTIMATE = "rollout/kl_estimate_mean"  # the configured estimator (kl.estimator), per response
-KL_EXACT = "rollout/kl_exact_mean"  # to come: the exact KL, summed over the vocabulary, per response
-PRETRAIN_LOSS = "eval/pretrain_loss"  # to come: held-out loss on a corpus that is not the RL objective
+KL_EXACT = "rollout/kl_exact_mean"  # the exact KL, summed over the vocabulary, per response
+PRETRAIN_LOSS = "eval/pretrain_loss"  # held-out loss on a corpus that is not the RL objective
 ELAPSED = "time/elapsed_s"  # wall-clock since the run started, evaluations included
 
 

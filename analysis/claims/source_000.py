@@ -478,7 +478,7 @@ def sampled_baseline(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 
 # --------------------------------------------------------------------------- rm_pooling
 
-LAST_TOKEN_RM = "reward"  # critic.init: the reward model, which scores at the last token in every arm
+LAST_TOKEN_RM = "reward_last"  # critic.init: a copy of the reward model trained at the last token
 
 
 @claim(
@@ -488,7 +488,7 @@ LAST_TOKEN_RM = "reward"  # critic.init: the reward model, which scores at the l
     'for multi-step PPO"',
 )
 def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule (ppo_gae, the reward the last-token reward model in every arm; critic.init: `reward`, the
+    """Rule (ppo_gae, the reward the last-token reward model in every arm; critic.init: `reward_last`, the
     last-token reward model, against every other start, e.g. a mean-pooled reward model or SFT): per
     seed, against the best other start, the gold gain (proxy without gold; highest: positive), the
     samples to half that gain (earliest: positive; censored when a run never rises) and the mean
