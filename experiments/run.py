@@ -34,6 +34,7 @@ from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
 from backbone.models import build_policy_stack, load_tokenizer
+from backbone.provenance import environment
 from backbone.ptx import pretrain_texts
 from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
@@ -152,7 +153,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
         identity = {"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()}
         # wall-clock is only comparable at equal threads
-        tracker.summary({**identity, "cpu_threads": torch.get_num_threads()})
+        tracker.summary(
+            {**identity, "cpu_threads": torch.get_num_threads(), "environment": environment(device)}
+        )
         stages = prepare_stages(cfg, task, tracker.log)
         artifacts = {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name}
         if algorithm.needs_critic:
