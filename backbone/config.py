@@ -244,6 +244,10 @@ class KLConfig:
     estimator: str = "k1"
     # initial (or fixed) coefficient beta
     coef: float = 0.05
+    # what coef is measured in: reward (beta as it is, in the units of the shaped reward) or
+    # reward_std (a fraction of the reward's spread: beta = coef x the std of a score in the reward's
+    # units, so the penalty weighs the same against the reward whatever the normalisation)
+    coef_units: str = "reward"
     # adaptive controller (Ziegler et al.): set a target KL to enable it
     target: float | None = None
     horizon: int = 10000

@@ -21,6 +21,7 @@ from torch import Tensor
 from backbone.ops import global_masked_mean_var
 
 NORMALIZE_MODES = ("none", "rm_stats", "running")
+KL_COEF_UNITS = ("reward", "reward_std")
 
 
 class RunningMoments:
@@ -91,6 +92,19 @@ class RewardShaper:
         self.rm_mean = rm_mean
         self.rm_std = rm_std
         self.running = RunningMoments()
+
+    @property
+    def reward_std(self) -> float:
+        """The spread of a score in the reward's units: the reward model's own standard deviation of
+        chosen scores without normalisation, 1 after it (both modes scale to unit std)."""
+        return self.rm_std if self.normalize == "none" else 1.0
+
+    def kl_coef(self, coef: float, units: str) -> float:
+        """beta in the reward's units: ``coef`` as it is (``reward``), or ``coef`` reward standard
+        deviations (``reward_std``): beta = coef * reward_std."""
+        if units not in KL_COEF_UNITS:
+            raise ValueError(f"kl.coef_units={units!r}: expected one of {KL_COEF_UNITS}")
+        return coef * self.reward_std if units == "reward_std" else coef
 
     @torch.no_grad()
     def __call__(self, scores: Tensor, ended_with_eos: Tensor, update: bool = True) -> Tensor:

@@ -180,7 +180,8 @@ class Trainer:
         self.stack = collector.stack
         self.tracker = tracker
         self.timer = collector.timer
-        self.kl_ctl = build_kl_controller(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
+        beta = collector.shaper.kl_coef(cfg.kl.coef, cfg.kl.coef_units)
+        self.kl_ctl = build_kl_controller(beta, cfg.kl.target, cfg.kl.horizon)
         self.prompts = PromptStream(task.rl_prompts(), cfg.seed)
         self.prompts_per_iteration = prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
         self.iterations = planned_iterations(cfg)

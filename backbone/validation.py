@@ -17,7 +17,7 @@ from backbone import distributed
 from backbone.config import CriticConfig
 from backbone.kl import ESTIMATORS
 from backbone.ptx import PTX_SOURCES
-from backbone.reward import NORMALIZE_MODES
+from backbone.reward import KL_COEF_UNITS, NORMALIZE_MODES
 from backbone.stages import CRITIC_INITS
 
 CHOICES = {
@@ -26,6 +26,7 @@ CHOICES = {
     "kl.estimator": tuple(ESTIMATORS),
     "rollout.logprobs": ("generate", "forward"),
     "reward.normalize": NORMALIZE_MODES,
+    "kl.coef_units": KL_COEF_UNITS,
     "reward.pooling": ("last", "mean"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "critic.init": CRITIC_INITS,

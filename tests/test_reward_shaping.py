@@ -119,3 +119,19 @@ def test_invalid_configuration():
         RewardShaper("zscore", None, None)
     with pytest.raises(ValueError, match="rm_std"):
         RewardShaper("rm_stats", None, None, rm_mean=0.0, rm_std=0.0)
+
+
+@pytest.mark.parametrize(
+    ("normalize", "units", "expected"),
+    [
+        ("none", "reward", 0.1),  # beta as given
+        ("none", "reward_std", 0.1 * 2.5),  # 0.1 of the raw scores' spread
+        ("rm_stats", "reward_std", 0.1),  # normalised rewards have unit spread
+        ("running", "reward_std", 0.1),
+    ],
+)
+def test_kl_coefficient_in_reward_standard_deviations(normalize, units, expected):
+    shaper = RewardShaper(normalize=normalize, clip=None, missing_eos_penalty=None, rm_mean=1.0, rm_std=2.5)
+    assert shaper.kl_coef(0.1, units) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="coef_units"):
+        shaper.kl_coef(0.1, "nats")

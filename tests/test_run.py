@@ -155,6 +155,7 @@ def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):
         (["algorithm=ppo_sampled", "algorithm.baseline=leave_one_out"], "train/baseline_mean"),
         (["algorithm=rrhf", "algorithm.mode=offline"], "train/rank_loss"),
         (["algorithm=rrhf", "algorithm.include_chosen=true"], "train/rank_loss"),
+        (["kl.coef_units=reward_std", "reward.normalize=none", "kl.coef=0.1"], "train/value_loss"),
     ],
 )
 def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artifacts_dir):
@@ -174,6 +175,9 @@ def test_algorithm_variants_run_end_to_end(overrides, train_key, tmp_path, artif
     assert all(train_key in r for r in rows[1:])
     if "algorithm=ppo_sampled" in overrides:  # every baseline: the raw advantages' std
         assert all(r["train/advantage_std"] > 0 for r in rows[1:])
+    if "kl.coef_units=reward_std" in overrides:  # 0.1 reward standard deviations of the raw scores
+        rm_std = read_summary(run_dir)["reward_model"]["rm/chosen_std"]
+        assert all(r["kl/coef"] == pytest.approx(0.1 * rm_std) for r in rows[1:])
     if "algorithm.mode=offline" in overrides:
         # the whole sample budget comes from the initial policy, before the first update
         assert [r["samples"] for r in rows] == [0, 16, 16]
