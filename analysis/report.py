@@ -77,12 +77,14 @@ def failures_table(runs: pd.DataFrame) -> str:
     return markdown_table(["path", "status", "algorithm", "seed", "reason"], list(rows))
 
 
-def _numbers(numbers: dict) -> str:
+def format_numbers(numbers: dict) -> str:
     return "; ".join(f"{k} = {_cell(v) if not isinstance(v, CI) else v}" for k, v in numbers.items())
 
 
 def verdict_table(verdicts: Sequence[Verdict]) -> str:
-    rows = [(v.id, v.claim, v.verdict, _numbers(v.numbers), v.seeds, v.source, v.note) for v in verdicts]
+    rows = [
+        (v.id, v.claim, v.verdict, format_numbers(v.numbers), v.seeds, v.source, v.note) for v in verdicts
+    ]
     return markdown_table(["id", "claim", "verdict", "numbers", "seeds", "source", "note"], rows)
 
 

@@ -60,9 +60,11 @@ def test_claim_texts_are_the_catalogues():
 
 def test_a_claim_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
-        claim("three_algorithms", source="000", text="the same row again, by mistake")(lambda r, h: None)
+        claim("three_algorithms", source="000", text="the same row again", limits="none")(lambda r, h: None)
     with pytest.raises(ValueError, match="needs its source"):
-        claim("a_new_row", source="", text="")(lambda r, h: None)
+        claim("a_new_row", source="", text="", limits="x")(lambda r, h: None)
+    with pytest.raises(ValueError, match="its limits here"):
+        claim("a_new_row", source="000", text="a claim", limits="")(lambda r, h: None)
     assert "a_new_row" not in REGISTRY
 
 

@@ -1,6 +1,6 @@
 """The claim registry: each catalogue row's claim declared once, next to the rule that judges it.
 
-    @claim("rrhf_fast_but_far", source="000", text='"RRHF rises a bit faster, but ..."')
+    @claim("rrhf_fast_but_far", source="000", text='"RRHF rises a bit faster, but ..."', limits="...")
     def rrhf_fast_but_far(runs, history) -> Verdict: ...
 
 registers the row `rrhf_fast_but_far` (its sweep: conf/experiment/rrhf_fast_but_far.yaml) and makes the
@@ -8,9 +8,10 @@ name a `Claim`, which called like the rule returns its `Verdict` with the row's 
 `source` is the catalogue's source id (shared/ABLATIONS.md: 000 to 003, or a citation for the rows
 beyond the sources) and `text` what it says, quoted where the catalogue quotes it; together they read
 as the catalogue's "what the source says" cell. A row measured by a benchmark instead of a sweep names
-the command (`benchmark=`). A rule takes the `runs` and `history` frames (analysis.records) and, as
-keyword-only parameters, any other evidence it needs by its `Records` name (`benchmarks`,
-`best_of_n`); `evaluate_all` passes each rule just what it asks for.
+the command (`benchmark=`). `limits` says what a verdict can and cannot tell at the sandbox's scale (a
+tiny model on a synthetic task), for FINDINGS.md. A rule takes the `runs` and `history` frames
+(analysis.records) and, as keyword-only parameters, any other evidence it needs by its `Records` name
+(`benchmarks`, `best_of_n`); `evaluate_all` passes each rule just what it asks for.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Claim:
     text: str
     rule: Rule
     benchmark: str | None = None
+    # what a verdict of this row can and cannot say at the sandbox's scale (FINDINGS.md prints it)
+    limits: str = ""
 
     @property
     def quote(self) -> str:
@@ -58,15 +61,17 @@ class Claim:
 REGISTRY: dict[str, Claim] = {}
 
 
-def claim(id: str, *, source: str, text: str, benchmark: str | None = None) -> Callable[[Rule], Claim]:
+def claim(
+    id: str, *, source: str, text: str, limits: str, benchmark: str | None = None
+) -> Callable[[Rule], Claim]:
     """Register the decorated rule as the verdict of catalogue row `id` (one rule per row)."""
 
     def register(rule: Rule) -> Claim:
         if id in REGISTRY:
             raise ValueError(f"claim {id!r} is registered twice")
-        if not source or not text:
-            raise ValueError(f"claim {id!r} needs its source and what the source says")
-        REGISTRY[id] = Claim(id, source, text, rule, benchmark)
+        if not source or not text or not limits:
+            raise ValueError(f"claim {id!r} needs its source, what the source says, and its limits here")
+        REGISTRY[id] = Claim(id, source, text, rule, benchmark, limits)
         return REGISTRY[id]
 
     return register

@@ -86,6 +86,13 @@ def log_gain_ratio(gains: Iterable[float]) -> float:
     source="000",
     text="\"for trlx's multi-step PPO, ColossalAI's single-step PPO and RRHF, the amount the reward rose "
     'was about the same"',
+    limits=(
+        "A 4-layer word-level model on a synthetic review grammar, a reward model learned from 2000 noisy "
+        "pairs, one budget (3840 samples) and a 6-cell grid per algorithm on two tuning seeds. The gain "
+        "ratio can move with scale (RRHF ranks its own samples, which are less diverse from a small "
+        "policy) and with the budget; the source's comparison was on 7B models with human preference "
+        "data."
+    ),
 )
 def three_algorithms(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (an equivalence, margin log 1.5; the claim is about the reward model's score, so the proxy
@@ -133,6 +140,11 @@ def three_algorithms(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     "rrhf_fast_but_far",
     source="000",
     text='"RRHF rises a bit faster, but its KL drifts much further than PPO\'s"',
+    limits=(
+        "Speed is read at 25% of the budget and KL at the highest proxy level every arm reaches; when one "
+        "arm rises little, that common level is low and the KL comparison covers a narrow range. The "
+        "source saw the drift on 7B models with long responses."
+    ),
 )
 def rrhf_fast_but_far(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (RRHF against every other arm of the sweep: the PPOs), per seed. Faster: RRHF's absolute
@@ -199,6 +211,11 @@ def good_share(gains: Iterable[float], fraction: float = GOOD_SHARE) -> float:
     "tuning_sensitivity",
     source="000",
     text='"RRHF needs almost no tuning; PPO needs fairly careful tuning"',
+    limits=(
+        "The share of cells within 80% of the best depends on the grid's span (learning rate x 0.3 to 3); "
+        "a wider span, or a larger model whose stable learning rates are narrower, can reorder the "
+        "algorithms."
+    ),
 )
 def tuning_sensitivity(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (each algorithm's grid of lr x its main knob: a tuned sweep's tuning runs, or the runs of a
@@ -244,6 +261,10 @@ GAE_DEFAULT = (1.0, 0.95)
     source="000",
     text="\"trlx's defaults are basically fine, especially gamma and lambda; change them and results can "
     'get much worse"',
+    limits=(
+        "Responses of up to 48 tokens with one terminal reward and a per-token KL penalty; longer "
+        "horizons or denser rewards change how much gamma and lambda matter."
+    ),
 )
 def gae_defaults(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ppo_gae, settings = (algorithm.gamma, algorithm.lam), default (1, 0.95)): per seed, final
@@ -285,6 +306,11 @@ def gae_defaults(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     source="000",
     text="\"normalising the advantages works: it makes the actor's loss stable; in a distributed run "
     'synchronise before normalising"',
+    limits=(
+        "Stability is read from one process's gradient norms; the source's advice to synchronise before "
+        "normalising in a distributed run is checked by the 2-rank tests (equal to one process on the "
+        "union), not by this row."
+    ),
 )
 def advantage_whitening(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (per algorithm, algorithm.whiten_advantages on vs off): per seed, the coefficient of variation
@@ -311,7 +337,16 @@ def advantage_whitening(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 # --------------------------------------------------------------------------- adam_eps
 
 
-@claim("adam_eps", source="000", text='"Adam\'s epsilon also works, oddly"')
+@claim(
+    "adam_eps",
+    source="000",
+    text='"Adam\'s epsilon also works, oddly"',
+    limits=(
+        "Adam's epsilon matters where second moments are tiny (half precision, large models, LoRA); in "
+        "fp32 on a tiny model a small or no effect is expected, so a verdict here speaks for this scale "
+        "only."
+    ),
+)
 def adam_eps(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (optim.eps, largest vs smallest value: 1e-5 vs 1e-8): per seed, the gold gain (proxy without
     gold) at the largest minus at the smallest, a one-sided claim: supported when clearly positive by
@@ -338,6 +373,10 @@ def adam_eps(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     source="000",
     text='"too few epochs per batch learn slowly, too many overfit"; 001 reports one generation and one '
     "epoch as best",
+    limits=(
+        "Where the inverted U peaks depends on how fast a batch is overfitted; a tiny model at 64 samples "
+        "per iteration overfits sooner than a large one, which moves the peak toward fewer epochs."
+    ),
 )
 def ppo_epochs(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (per algorithm, algorithm.ppo_epochs, at least three values): an inverted U in final gold
@@ -389,6 +428,11 @@ def seed_spread(curves: Mapping[int, np.ndarray]) -> dict[int, float]:
     "rollout_size",
     source="000",
     text='"too little data per round learns unstably, too much learns too slowly"',
+    limits=(
+        "Batch sizes of 16, 64 and 256 samples per iteration share one learning rate, so the row mixes "
+        "batch size with the effective step size; a per-size tuned learning rate could change the "
+        "instability half of the claim."
+    ),
 )
 def rollout_size(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (rollout.samples_per_iteration at equal total samples; small = the smallest value, large = the
@@ -441,6 +485,11 @@ COATI = "critic_coati"
     source="000",
     text='"ColossalAI fits the reward with a critic, which gives tiny advantages and is hard to train; '
     'the mean reward of n sampled answers is enough, saves a network and works very well"',
+    limits=(
+        "critic_coati is rebuilt from ColossalAI's description (the critic's values averaged over the "
+        "whole sequence, pads masked); a 4-layer critic is easy to fit, which can understate how hard a "
+        "large critic is to train."
+    ),
 )
 def sampled_baseline(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ppo_sampled, algorithm.baseline critic_coati, critic, sampled_mean): per seed, the gold gain
@@ -486,6 +535,11 @@ LAST_TOKEN_RM = "reward_last"  # critic.init: a copy of the reward model trained
     source="000",
     text='"scoring at the last token; weights trained this way are the best initialisation of the critic '
     'for multi-step PPO"',
+    limits=(
+        "Only the critic's starting weights differ (the reward is the last-token model in every arm); "
+        "with a small body, the head start a reward model gives a critic over the SFT model may be "
+        "smaller than at scale."
+    ),
 )
 def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ppo_gae, the reward the last-token reward model in every arm; critic.init: `reward_last`, the
@@ -540,6 +594,11 @@ def time_to_level(history: pd.DataFrame, metric: str, level: float) -> float:
     source="000",
     text='"the paper generates answers for all training data offline first: slow to produce and slow to '
     'train; making a small batch and training on it, as ColossalAI does, makes reward rise faster"',
+    limits=(
+        "Wall-clock includes evaluation and is measured on the machine named above; on a GPU, generating "
+        "a whole offline buffer is relatively cheaper than on a CPU, which can narrow the wall-clock half "
+        "of the claim."
+    ),
 )
 def rrhf_online(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (rrhf, algorithm.mode online vs offline): one absolute gold level (proxy without gold) per
@@ -584,6 +643,11 @@ MEMORY_RATIO = 1.25
     text='"one base with several LoRA adapters is the actor, critic, reward and reference; four models for '
     "almost one model's memory\"",
     benchmark="python -m experiments.benchmark memory",
+    limits=(
+        "Measured by the memory benchmark on the model it is given (the tiny one by default, a GPT-2 "
+        "shape on request); ratios with a 7B base, long sequences and mixed precision on a GPU may "
+        "differ."
+    ),
 )
 def multi_adapter_memory(
     runs: pd.DataFrame, history: pd.DataFrame, *, benchmarks: Iterable[Mapping] = ()

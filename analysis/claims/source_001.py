@@ -27,7 +27,15 @@ from analysis.compare import (
 )
 
 
-@claim("ema", source="001", text="an EMA of the actor gives better final responses")
+@claim(
+    "ema",
+    source="001",
+    text="an EMA of the actor gives better final responses",
+    limits=(
+        "EMA decay 0.992 over a few hundred optimiser steps of a tiny model; the source's gain was on "
+        "final responses of 1B+ models after long training."
+    ),
+)
 def ema(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (runs with ema.enabled true, which evaluate the EMA weights as eval_ema/* beside the live
     weights' eval/*): per seed, final eval_ema/gold_mean - final eval/gold_mean (reward_mean when the
@@ -57,6 +65,11 @@ KEPT = 0.8  # "gold gain kept within 20%"
     "ptx",
     source="001",
     text="mixing the pretraining objective into PPO prevents losing performance on public benchmarks (SQuAD)",
+    limits=(
+        "The pretraining corpus is a synthetic grammar of product notes in the task's words, learned "
+        "during SFT; what is measured is the held-out loss on that corpus, not a real model's scores on "
+        "public benchmarks."
+    ),
 )
 def ptx(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ptx.coef 0 vs its largest value, the pretraining corpus not the RL objective): per seed, the

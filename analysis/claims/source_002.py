@@ -38,6 +38,11 @@ def gold_fall(history: pd.DataFrame) -> float:
     "kl_penalty",
     source="002",
     text='"we rarely ran into reward hacking, probably thanks to the KL penalty"',
+    limits=(
+        "Reward hacking needs an exploitable reward model; toy_reviews_hard's is trained on a small, "
+        "noisy preference set. Whether the default coefficient protects depends on how exploitable that "
+        "model is."
+    ),
 )
 def kl_penalty(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (kl.coef 0, the default = the largest value of the sweep, and values between, reported): per
@@ -81,6 +86,10 @@ def chase(history: pd.DataFrame) -> float:
     source="002",
     text="constrained generation (a minimum length, suppressed EOS) gives negative KL estimates, and "
     '"the model chases the negative penalty, so training becomes unstable"',
+    limits=(
+        "The exact KL sums over a vocabulary of a few hundred words; the chasing under constrained "
+        "generation is measurable at this scale, but its severity with 50k-token vocabularies is not."
+    ),
 )
 def negative_kl(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (kl.estimator k1 and k3 x rollout.min_new_tokens 0 and its largest value T): per seed,

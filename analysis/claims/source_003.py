@@ -17,6 +17,10 @@ from analysis.stats import step_std
     source="003",
     text="normalises rewards with the reward model's chosen mean and std; the claim tested is that "
     "this helps",
+    limits=(
+        "The arms compare normalisations; with a reward model whose scores are already near unit scale, "
+        "the arms differ little, and the result says little about rewards on other scales."
+    ),
 )
 def reward_normalization(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (reward.normalize none vs rm_stats, the KL coefficient rescaled by the sweep so the penalty

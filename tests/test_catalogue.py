@@ -1,0 +1,129 @@
+"""The catalogue command and FINDINGS.md: rows run once, resumable, and a page regenerated identically."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_run import SMALL
+
+from analysis.claims import catalogue
+from analysis.findings import provenance, write_findings
+from backbone.provenance import environment, git_commit
+from experiments.catalogue import catalogue_rows, plan
+
+ROWS = ["adam_eps", "ema"]
+
+
+def test_rows_that_share_their_runs_share_one_sweep(tmp_path):
+    sweeps = plan(["three_algorithms", "rrhf_fast_but_far", "adam_eps", "multi_adapter_memory"], tmp_path, [])
+    assert [s.rows for s in sweeps] == [
+        ["three_algorithms", "rrhf_fast_but_far"],  # rrhf_fast_but_far reuses three_algorithms' runs
+        ["adam_eps"],
+        ["multi_adapter_memory"],
+    ]
+    assert sweeps[0].folder == tmp_path / "three_algorithms"
+    assert sweeps[2].benchmark and sweeps[2].command[1:4] == ["-m", "experiments.benchmark", "memory"]
+    # the same overrides for every row; seeds named as each row's sweeper names them
+    tuned, grid = plan(["three_algorithms", "adam_eps"], tmp_path, ["iterations=2"], seeds=[0, 1])
+    assert tuned.command[-2:] == ["iterations=2", "hydra.sweeper.eval_seeds=[0,1]"]
+    assert grid.command[-2:] == ["iterations=2", "seed=0,1"]
+    assert set(catalogue_rows()) == {c.id for c in catalogue()}
+
+
+def test_an_unknown_row_or_a_bad_override_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="no_such_row"):
+        plan(["no_such_row"], tmp_path, [])
+    with pytest.raises(ValueError, match="row adam_eps"):
+        plan(["adam_eps"], tmp_path, ["no_such_key=1"])
+
+
+def catalogue_command(out: Path, findings: Path) -> list[str]:
+    overrides = [*SMALL, "iterations=2", "logger.mode=disabled", "frontier.best_of_n=0"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.catalogue",
+        *ROWS,
+        *overrides,
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--findings",
+        str(findings),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("catalogue")
+    out, findings = root / "catalogue", root / "FINDINGS.md"
+    result = subprocess.run(
+        catalogue_command(out, findings), cwd=root, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return out, findings, result
+
+
+def test_the_catalogue_runs_each_row_reports_it_and_writes_the_findings(ran):
+    out, findings, _ = ran
+    for row in ROWS:
+        record = json.loads((out / row / "catalogue.json").read_text())
+        assert record["rows"] == [row] and record["returncode"] == 0
+        assert (out / row / "report" / "report.md").exists()
+        assert len(list((out / row).glob("[0-9]*/summary.json"))) == 4  # 2 arms x 2 seeds
+    page = findings.read_text()
+    table = {line.split(" | ")[0].strip("| "): line for line in page.splitlines() if line.startswith("| ")}
+    for claim in catalogue():
+        assert claim.id in table and f"## {claim.id}" in page and claim.limits in page
+    for row in ROWS:
+        verdict = table[row].split(" | ")[1]
+        assert verdict in ("supported", "contradicted", "inconclusive")
+        assert " | 2 | " in table[row]  # n: the two seeds
+    assert table["three_algorithms"].split(" | ")[1] == "not run"
+    commit, _ = git_commit()
+    if commit:
+        assert commit[:10] in table["adam_eps"]
+
+
+def test_a_finished_catalogue_is_not_run_again_and_its_findings_regenerate_identically(ran):
+    out, findings, _ = ran
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/[0-9]*/summary.json")}
+    again = subprocess.run(
+        catalogue_command(out, findings), cwd=out.parent, capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished before") == len(ROWS)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/[0-9]*/summary.json")} == before
+    page = findings.read_text()
+    regenerated = write_findings(out, out.parent / "again.md")
+    assert regenerated.read_text() == page
+
+
+def test_provenance_names_the_commit_date_and_machine():
+    import torch
+
+    env = environment(torch.device("cpu"))
+    assert env["cores"] >= 1 and env["cpu"] and env["torch"] == torch.__version__
+    assert len(env["date"]) == 10  # ISO date
+    import pandas as pd
+
+    runs = pd.DataFrame(
+        {
+            "environment/date": ["2026-12-01", "2026-12-02"],
+            "environment/commit": ["a" * 40, "a" * 40],
+            "environment/dirty": [False, True],
+            "environment/cpu": ["CPU X", "CPU X"],
+            "environment/cores": [2, 2],
+            "environment/gpu": [None, None],
+        }
+    )
+    assert provenance(runs) == {
+        "date": "2026-12-01 to 2026-12-02",
+        "commit": "aaaaaaaaaa, aaaaaaaaaa+dirty",
+        "machine": "CPU X, 2 cores",
+    }
