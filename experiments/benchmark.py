@@ -25,10 +25,12 @@ real (non-pad) tokens per second.
 for GPT-2 small's shape) in each storage mode, ``peft=none`` (separate full models) and
 ``peft=lora_multi_adapter`` (one base with adapters), and runs one RL step on an update
 minibatch of random tokens: every role's rollout pass, then the actor's and critic's forward,
-backward and AdamW step. Each is measured in a fresh process, beside one model alone run
-forward over the same minibatch: the weights held (parameters and buffers, a storage shared
-by roles counted once) and the peak memory over the process's size before building. Besides
-the report it writes ``memory_<mode>-*.json`` per mode, the results analysis/claims reads.
+backward and AdamW step; each without and with gradient checkpointing. Each is measured in a
+fresh process, beside one model alone run forward over the same minibatch and then trained for
+one LoRA step (what fine-tuning one model costs: the reference of an update's peak): the weights
+held (parameters and buffers, a storage shared by roles counted once) and the peak memory over
+the process's size before building. Besides the report it writes ``memory_<mode>[-checkpointing]-*.json``
+per measurement, the results analysis/claims reads.
 
 Each run writes one JSON file under ``--out`` and prints its tables. Peak memory is the
 process's resident set on CPU (its high-water mark reset per measurement where Linux allows)
@@ -72,11 +74,13 @@ from backbone.models import (
     PolicyStack,
     ValueModel,
     build_policy_stack,
+    disable_dropout,
     load_causal_lm,
     load_tokenizer,
     position_ids,
     response_logprobs,
     response_values,
+    with_gradient_checkpointing,
 )
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
@@ -609,16 +613,28 @@ def update_step(stack: PolicyStack, rollouts: Rollouts) -> None:
 def measure_memory(sft: str, reward: str | None, cfg_container: dict) -> dict[str, int]:
     """Run in a fresh process. The weights held, and the peak memory over the process's size before:
     of the policy stack built from the ``reward`` artifact through each role's rollout pass, then
-    through an update too; with no ``reward``, of the SFT model alone through one no-grad pass."""
+    through an update too; with no ``reward``, of the SFT model alone through one no-grad pass, then
+    through one LoRA training step (forward, backward, AdamW: what fine-tuning one model costs)."""
     cfg = OmegaConf.create(cfg_container)
     device = setup_device(cfg)
     reset_peak_memory(device)
     before = peak_bytes(device)  # the interpreter and its imports
     if reward is None:
         model = load_causal_lm(sft, cfg.model.dtype, cfg.model.trust_remote_code).to(device)
+        minibatch = random_minibatch(model.config.vocab_size, cfg, device)
         with torch.no_grad():
-            response_logprobs(model, random_minibatch(model.config.vocab_size, cfg, device))
-        return {"tensor_bytes": distinct_bytes(model), "rollout_peak_bytes": peak_bytes(device) - before}
+            response_logprobs(model, minibatch)
+        rollout_peak = peak_bytes(device) - before
+        model = add_lora(with_gradient_checkpointing(model, cfg.model.gradient_checkpointing), cfg.peft)
+        disable_dropout(model).train()  # train mode: the one in which checkpointed layers recompute
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        response_logprobs(model, minibatch)[0].mean().backward()
+        optimizer.step()
+        return {
+            "tensor_bytes": distinct_bytes(model.get_base_model()),
+            "rollout_peak_bytes": rollout_peak,
+            "train_peak_bytes": peak_bytes(device) - before,
+        }
     stack = build_policy_stack(sft, reward, reward, cfg.model).to(device)  # the critic from the reward model
     rollouts = random_minibatch(stack.actor.config.vocab_size, cfg, device)
     rollout_passes(stack, rollouts)
@@ -662,33 +678,35 @@ def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
     cfg = compose_config([*overrides, "peft=lora_multi_adapter"])
     device = setup_device(cfg)
     base = build_base(cfg, instantiate(cfg.task))  # the model, untrained: memory does not depend on values
-    container = OmegaConf.to_container(cfg, resolve=True)
-    with tempfile.TemporaryDirectory() as folder:
-        rewards = save_reward_models(cfg, base, Path(folder))
-        one = in_fresh_process(measure_memory, str(base), None, container)
-        held = {
-            mode: in_fresh_process(measure_memory, str(base), str(path), container)
-            for mode, path in rewards.items()
-        }
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     results = []
-    for mode, measured in held.items():
-        # the fields analysis/claims/source_000.py multi_adapter_memory reads, one file per mode
-        result = {
-            "mode": mode,
-            "peak_bytes": measured["rollout_peak_bytes"],
-            "one_model_bytes": one["rollout_peak_bytes"],
-            "update_peak_bytes": measured["update_peak_bytes"],
-            "tensor_bytes": measured["tensor_bytes"],
-            "one_model_tensor_bytes": one["tensor_bytes"],
-            "measure": peak_memory_mb(device)["kind"],
-            "model": cfg.model.name,
-            "seed": cfg.seed,
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"memory_{mode}-{stamp}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        results.append({**result, "path": str(path)})
+    with tempfile.TemporaryDirectory() as folder:
+        rewards = save_reward_models(cfg, base, Path(folder))
+        for checkpointing in (False, True):
+            cfg.model.gradient_checkpointing = checkpointing
+            container = OmegaConf.to_container(cfg, resolve=True)
+            one = in_fresh_process(measure_memory, str(base), None, container)
+            for mode, path in rewards.items():
+                measured = in_fresh_process(measure_memory, str(base), str(path), container)
+                # the fields analysis/claims/source_000.py multi_adapter_memory reads, a file per result
+                result = {
+                    "mode": mode,
+                    "gradient_checkpointing": checkpointing,
+                    "peak_bytes": measured["rollout_peak_bytes"],
+                    "one_model_bytes": one["rollout_peak_bytes"],
+                    "update_peak_bytes": measured["update_peak_bytes"],
+                    "one_model_train_bytes": one["train_peak_bytes"],
+                    "tensor_bytes": measured["tensor_bytes"],
+                    "one_model_tensor_bytes": one["tensor_bytes"],
+                    "measure": peak_memory_mb(device)["kind"],
+                    "model": cfg.model.name,
+                    "seed": cfg.seed,
+                }
+                args.out.mkdir(parents=True, exist_ok=True)
+                variant = "-checkpointing" if checkpointing else ""
+                file = args.out / f"memory_{mode}{variant}-{stamp}.json"
+                file.write_text(json.dumps(result, indent=2) + "\n")
+                results.append({**result, "path": str(file)})
     return {
         "machine": machine(device),
         "model": cfg.model.name,
@@ -705,25 +723,35 @@ def memory_table(report: dict) -> str:
     def ratio(n: int, one: int) -> str:  # a tiny model can leave the process's peak where it was
         return f"{n / one:.2f}" if one else "n/a"
 
-    first = report["results"][0]
-    one_tensors, one_peak = first["one_model_tensor_bytes"], first["one_model_bytes"]
-    rows = [["one model", mb(one_tensors), "1.00", mb(one_peak), ratio(one_peak, one_peak), "", ""]]
-    rows += [
-        [
-            r["mode"],
-            mb(r["tensor_bytes"]),
-            ratio(r["tensor_bytes"], one_tensors),
-            mb(r["peak_bytes"]),
-            ratio(r["peak_bytes"], one_peak),
-            mb(r["update_peak_bytes"]),
-            ratio(r["update_peak_bytes"], one_peak),
-        ]
-        for r in report["results"]
+    rows = []
+    for r in report["results"]:
+        one_tensors, one_peak, one_train = (
+            r["one_model_tensor_bytes"],
+            r["one_model_bytes"],
+            r["one_model_train_bytes"],
+        )
+        rows.append(
+            [
+                f"{r['mode']}{' + checkpointing' if r['gradient_checkpointing'] else ''}",
+                mb(r["tensor_bytes"]),
+                ratio(r["tensor_bytes"], one_tensors),
+                mb(r["peak_bytes"]),
+                ratio(r["peak_bytes"], one_peak),
+                mb(r["update_peak_bytes"]),
+                f"{ratio(r['update_peak_bytes'], one_train)} ({mb(one_train)} MB)",
+            ]
+        )
+    header = [
+        "roles",
+        "weights MB",
+        "x one model",
+        "rollout peak MB",
+        "x one model's no-grad pass",
+        "+ update peak MB",
+        "x one model's LoRA training step",
     ]
-    header = ["roles", "weights MB", "x one", "rollout peak MB", "x one", "+ update peak MB", "x one"]
-    return (
-        f"{markdown_table(header, rows)}\n\npeak: {first['measure']} over the process's size before loading"
-    )
+    measure = report["results"][0]["measure"]
+    return f"{markdown_table(header, rows)}\n\npeak: {measure} over the process's size before loading"
 
 
 # --------------------------------------------------------------------------- report and CLI

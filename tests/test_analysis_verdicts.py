@@ -456,10 +456,15 @@ def test_bon_frontier_per_algorithm_paired_per_seed_with_holm(gaps, expected):
     assert REGISTRY["bon_frontier"](runs, history).verdict == "not run"  # no best-of-n curves
 
 
-def memory(mode: str, ratio: float) -> dict:
+def memory(mode: str, ratio: float, checkpointing: bool = False) -> dict:
+    """A benchmark result whose update peak is ``ratio`` times one model's LoRA training step; the
+    rollout-pass ratio is deliberately different (the rule must not read it)."""
     return {
         "mode": mode,
-        "peak_bytes": int(ratio * 1000),
+        "gradient_checkpointing": checkpointing,
+        "update_peak_bytes": int(ratio * 1000),
+        "one_model_train_bytes": 1000,
+        "peak_bytes": 1,
         "one_model_bytes": 1000,
         "path": f"/b/memory_{mode}.json",
     }
@@ -471,11 +476,14 @@ def memory(mode: str, ratio: float) -> dict:
 )
 def test_multi_adapter_memory(ratios, expected):
     runs, history = frames_from_records([])
-    results = [memory("lora_multi_adapter", r) for r in ratios] + [memory("none", 4.2)]
-    verdict = REGISTRY["multi_adapter_memory"](runs, history, benchmarks=results)
+    # the ratios alternate without and with gradient checkpointing: each is judged
+    results = [memory("lora_multi_adapter", r, i % 2 == 1) for i, r in enumerate(ratios)]
+    verdict = REGISTRY["multi_adapter_memory"](runs, history, benchmarks=[*results, memory("none", 4.2)])
     assert verdict.verdict == expected
     if ratios:
-        assert verdict.numbers["peak / one model [none]"].mean == pytest.approx(4.2)
+        assert verdict.numbers["update peak / one model's LoRA step [none]"].mean == pytest.approx(4.2)
+        lora = verdict.numbers["update peak / one model's LoRA step [lora_multi_adapter]"]
+        assert lora.mean == pytest.approx(ratios[0])
         assert (
             verdict.seeds == len(ratios)
             and verdict.source == "/b/memory_lora_multi_adapter.json, /b/memory_none.json"

@@ -97,13 +97,17 @@ def test_sft_reports_real_tokens_per_second_padded_and_packed(tmp_path, artifact
 def test_memory_reports_both_storage_modes_in_the_files_analysis_reads(tmp_path, artifacts_dir):
     path = main(["memory", *STAGES, f"paths.artifacts={artifacts_dir}", "--out", str(tmp_path)])
     report = json.loads(path.read_text())
-    results = {r["mode"]: r for r in report["results"]}
-    assert list(results) == ["none", "lora_multi_adapter"]
-    # one file per mode with the fields analysis/claims reads (the report itself has no mode)
-    assert sorted(r["mode"] for r in load_benchmarks([tmp_path]) if "mode" in r) == sorted(results)
-    full, lora = results["none"], results["lora_multi_adapter"]
-    one = full["one_model_tensor_bytes"]
-    assert 4 * one < full["tensor_bytes"] < 4.1 * one  # four models (and two small heads)
-    assert one < lora["tensor_bytes"] < 1.25 * one  # one model (and adapters and heads)
-    for result in (full, lora):
-        assert result["one_model_bytes"] >= 0 and 0 <= result["peak_bytes"] <= result["update_peak_bytes"]
+    results = {(r["mode"], r["gradient_checkpointing"]): r for r in report["results"]}
+    modes = [("none", False), ("lora_multi_adapter", False), ("none", True), ("lora_multi_adapter", True)]
+    assert list(results) == modes
+    # one file per measurement with the fields analysis/claims reads (the report itself has no mode)
+    files = [(r["mode"], r["gradient_checkpointing"]) for r in load_benchmarks([tmp_path]) if "mode" in r]
+    assert sorted(files) == sorted(modes)
+    for checkpointing in (False, True):
+        full, lora = results["none", checkpointing], results["lora_multi_adapter", checkpointing]
+        one = full["one_model_tensor_bytes"]
+        assert 4 * one < full["tensor_bytes"] < 4.1 * one  # four models (and two small heads)
+        assert one < lora["tensor_bytes"] < 1.25 * one  # one model (and adapters and heads)
+        for result in (full, lora):
+            assert result["one_model_bytes"] >= 0 and 0 <= result["peak_bytes"] <= result["update_peak_bytes"]
+            assert result["one_model_train_bytes"] >= result["one_model_bytes"]  # a step holds more

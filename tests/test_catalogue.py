@@ -42,7 +42,8 @@ def test_an_unknown_row_or_a_bad_override_is_refused_before_anything_runs(tmp_pa
 
 
 def catalogue_command(out: Path, findings: Path) -> list[str]:
-    overrides = [*SMALL, "iterations=2", "logger.mode=disabled", "frontier.best_of_n=0"]
+    # 2 iterations of SMALL's 8 samples, evaluated at each, whatever budget a row sets
+    overrides = [*SMALL, "total_samples=16", "rollout.eval_every_samples=8", "logger.mode=disabled"]
     return [
         sys.executable,
         "-m",

@@ -9,6 +9,7 @@ import sys
 import pytest
 from conftest import CONF, read_summary, run_entry
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from test_run import SMALL
 
 from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells
@@ -27,16 +28,26 @@ def is_tuned(experiment: str) -> bool:
 
 
 def sweep_params(experiment: str) -> dict[str, list[str]]:
-    return {key: str(value).split(",") for key, value in sweeper(experiment).params.items()}
+    """Each swept key's values as Hydra expands them (`a,b`, `range(0,10)`)."""
+    parser = OverridesParser.create()
+    params = {}
+    for key, value in sweeper(experiment).params.items():
+        override = parser.parse_override(f"{key}={value}")
+        swept = override.is_sweep_override()
+        params[key] = list(override.sweep_string_iterator()) if swept else [str(value)]
+    return params
 
 
 def jobs(experiment: str) -> list[list[str]]:
-    """Every job's overrides: the grid of a basic sweep; a tuned sweep's tuning and evaluation jobs."""
+    """The jobs whose configs differ in kind: a basic sweep's grid on its first seed and its first cell
+    on every seed (seeds change no key's type); a tuned sweep's tuning and evaluation jobs."""
     params = sweep_params(experiment)
     if not is_tuned(experiment):
-        return [
+        seeds = params.pop("seed")
+        cells = [
             [f"{k}={v}" for k, v in zip(params, values)] for values in itertools.product(*params.values())
         ]
+        return [*([*cell, f"seed={seeds[0]}"] for cell in cells), *([*cells[0], f"seed={s}"] for s in seeds)]
     tuned = sweeper(experiment)
     fixed = [f"{k}={v[0]}" for k, v in params.items()]
     # every cell on a tuning seed, every evaluation seed on one cell (seeds change no key's type)
@@ -59,14 +70,16 @@ def test_every_experiment_sweeps_seeds_and_lands_in_its_own_folder():
             check_grids(tuned.arms, tuned.grids)
             assert len(tuned.eval_seeds) >= 10 and not set(tuned.eval_seeds) & set(tuned.tuning_seeds)
             continue
+        # the protocol: 10 seeds that vary the whole pipeline, evaluations spaced in samples
         params = sweep_params(experiment)
-        assert params["seed"] == ["0", "1", "2"], experiment
-        assert len(params) >= 2, experiment
+        assert params["seed"] == [str(s) for s in range(10)], experiment
+        assert params["seed_scope"] == ["pipeline"] and "rollout.eval_every_samples" in params, experiment
+        assert len(params) >= 3, experiment
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_job_of_the_grid_composes(experiment):
-    seeds = {0, 1, 2}
+    seeds = set(range(10))
     if is_tuned(experiment):
         seeds = {*sweeper(experiment).tuning_seeds, *sweeper(experiment).eval_seeds}
     every_job = jobs(experiment)
@@ -84,7 +97,8 @@ def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):
             "+experiment=rrhf_online",
             "seed=0,1",
             *SMALL,
-            "iterations=2",
+            "total_samples=16",  # 2 iterations of SMALL's 8 samples, evaluated at each
+            "rollout.eval_every_samples=8",
             "logger.mode=disabled",
             f"paths.artifacts={tmp_path / 'artifacts'}",
             f"hydra.sweep.dir={sweep}",

@@ -652,25 +652,27 @@ MEMORY_RATIO = 1.25
 def multi_adapter_memory(
     runs: pd.DataFrame, history: pd.DataFrame, *, benchmarks: Iterable[Mapping] = ()
 ) -> Verdict:
-    """Rule: per benchmark result of mode lora_multi_adapter, ratio = peak_bytes / one_model_bytes.
-    Supported when every ratio <= 1.25, contradicted when every ratio > 1.25, inconclusive when they
-    disagree. Peak memory is close to deterministic, so one result decides (no seed interval).
+    """Rule: per benchmark result of mode lora_multi_adapter (with and without gradient checkpointing),
+    ratio = update_peak_bytes / one_model_train_bytes: the peak through a full RL update holding actor,
+    critic, reward and reference, against one model's LoRA training step at the same setting. Supported
+    when every ratio <= 1.25, contradicted when every ratio > 1.25, inconclusive when they disagree.
+    Peak memory is close to deterministic, so one result decides (no seed interval).
 
-    Expected benchmark files, `memory*.json` under the report's paths, each one JSON object:
-    `{"mode": "none" | "lora_multi_adapter", "peak_bytes": int (peak accelerator or process memory of
-    one RL step holding actor, critic, reward and reference), "one_model_bytes": int (the same measure
-    with only one model of the same base loaded), "model": str (optional), "seed": int (optional)}`.
-    A `none` result is reported (its ratio shows what separate models cost), not used by the rule.
-    `runs` and `history` are unused: the claim is measured by the benchmark, not by training runs."""
+    Expected benchmark files, `memory*.json` under the report's paths (experiments.benchmark memory),
+    each one JSON object: `{"mode": "none" | "lora_multi_adapter", "gradient_checkpointing": bool,
+    "update_peak_bytes": int, "one_model_train_bytes": int, "model": str, "seed": int}` (and the
+    rollout-pass peaks, reported). A `none` result is reported (its ratio shows what separate models
+    cost), not used by the rule. `runs` and `history` are unused: the benchmark measures the claim."""
     del runs, history  # the uniform signature of the rules
     ratios: dict[str, list[float]] = defaultdict(list)
     paths = set()
     for result in benchmarks:
-        peak, one = result.get("peak_bytes"), result.get("one_model_bytes")
+        peak, one = result.get("update_peak_bytes"), result.get("one_model_train_bytes")
         if result.get("mode") in ("none", "lora_multi_adapter") and peak and one:
-            ratios[result["mode"]].append(peak / one)
+            variant = " + checkpointing" if result.get("gradient_checkpointing") else ""
+            ratios[f"{result['mode']}{variant}"].append(peak / one)
             paths.add(str(result.get("path", "")))
-    measured = ratios["lora_multi_adapter"]
+    measured = [r for mode, values in ratios.items() if mode.startswith("lora") for r in values]
     if not measured:
         return Verdict("not run", note="needs memory*.json results of mode lora_multi_adapter")
     if all(r <= MEMORY_RATIO for r in measured):
@@ -679,5 +681,7 @@ def multi_adapter_memory(
         verdict = "contradicted"
     else:
         verdict = "inconclusive"
-    numbers = {f"peak / one model [{mode}]": summary(values) for mode, values in ratios.items()}
+    numbers = {
+        f"update peak / one model's LoRA step [{mode}]": summary(v) for mode, v in sorted(ratios.items())
+    }
     return Verdict(verdict, numbers, len(measured), ", ".join(sorted(paths)))
