@@ -624,14 +624,14 @@ def measure_memory(sft: str, reward: str | None, cfg_container: dict) -> dict[st
         minibatch = random_minibatch(model.config.vocab_size, cfg, device)
         with torch.no_grad():
             response_logprobs(model, minibatch)
-        rollout_peak = peak_bytes(device) - before
+        rollout_peak, tensor_bytes = peak_bytes(device) - before, distinct_bytes(model)
         model = add_lora(with_gradient_checkpointing(model, cfg.model.gradient_checkpointing), cfg.peft)
         disable_dropout(model).train()  # train mode: the one in which checkpointed layers recompute
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         response_logprobs(model, minibatch)[0].mean().backward()
         optimizer.step()
         return {
-            "tensor_bytes": distinct_bytes(model.get_base_model()),
+            "tensor_bytes": tensor_bytes,
             "rollout_peak_bytes": rollout_peak,
             "train_peak_bytes": peak_bytes(device) - before,
         }
