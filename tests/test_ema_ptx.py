@@ -1,6 +1,7 @@
 """EMA of the actor and PTX mixing: the update rule, the weight swap, the mixed loss and where its
 texts come from, end to end."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -47,22 +48,19 @@ def test_ema_update_follows_its_formula_and_evaluation_restores_the_live_weights
         EMA(model.parameters(), decay=1.0)
 
 
-def test_ptx_and_ema_run_end_to_end(tmp_path, artifacts_dir):
+def ptx_run(tmp_path: Path, artifacts_dir: Path, *overrides: str) -> tuple[Path, list[dict]]:
+    """Two iterations with PTX mixed in at coefficient 1: the run folder and its RL rows, each
+    training row with a positive mixed-in loss."""
     run_dir = tmp_path / "run"
-    run_entry(
-        [
-            *SMALL,
-            "iterations=2",
-            "ptx.coef=1.0",
-            "ema.enabled=true",
-            "logger.mode=disabled",
-            f"paths.artifacts={artifacts_dir}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
+    args = [*SMALL, "iterations=2", "ptx.coef=1.0", *overrides, "logger.mode=disabled"]
+    run_entry([*args, f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     rows = [r for r in read_history(run_dir) if "iteration" in r]
     assert all(r["train/ptx_loss"] > 0 for r in rows[1:])
+    return run_dir, rows
+
+
+def test_ptx_and_ema_run_end_to_end(tmp_path, artifacts_dir):
+    run_dir, rows = ptx_run(tmp_path, artifacts_dir, "ema.enabled=true")
     for row in (rows[0], rows[2]):
         assert {"eval/sft_loss", "eval_ema/reward_mean", "eval_ema/gold_mean", "eval_ema/sft_loss"} <= set(
             row
@@ -150,22 +148,7 @@ def test_the_stream_position_resumes_exactly(toy):
 
 def test_ptx_from_the_pretraining_corpus_end_to_end(tmp_path, artifacts_dir):
     """The ptx row's setting: SFT on demonstrations and notes, PTX on the notes."""
-    run_dir = tmp_path / "run"
-    run_entry(
-        [
-            *SMALL,
-            "iterations=2",
-            "sft.mix_pretrain=true",
-            "ptx.coef=1.0",
-            "ptx.source=pretrain",
-            "logger.mode=disabled",
-            f"paths.artifacts={artifacts_dir}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    rows = [r for r in read_history(run_dir) if "iteration" in r]
-    assert all(r["train/ptx_loss"] > 0 for r in rows[1:])
+    run_dir, rows = ptx_run(tmp_path, artifacts_dir, "sft.mix_pretrain=true", "ptx.source=pretrain")
     for row in (rows[0], rows[2]):
         assert {"eval/pretrain_loss", "eval/sft_loss"} <= set(row)
     assert "pretrain_loss" not in str(rows[1])  # evaluations only
