@@ -19,9 +19,10 @@ ROWS = ["adam_eps", "ema"]
 
 
 def test_rows_that_share_their_runs_share_one_sweep(tmp_path):
-    sweeps = plan(["three_algorithms", "rrhf_fast_but_far", "adam_eps", "multi_adapter_memory"], tmp_path, [])
+    rows = ["three_algorithms", "rrhf_fast_but_far", "adam_eps", "multi_adapter_memory", "bon_frontier"]
+    sweeps = plan(rows, tmp_path, [])
     assert [s.rows for s in sweeps] == [
-        ["three_algorithms", "rrhf_fast_but_far"],  # rrhf_fast_but_far reuses three_algorithms' runs
+        ["three_algorithms", "rrhf_fast_but_far", "bon_frontier"],  # the same tuned runs answer all three
         ["adam_eps"],
         ["multi_adapter_memory"],
     ]
