@@ -20,7 +20,7 @@ import pandas as pd
 
 from analysis.claims import Claim, catalogue
 from analysis.compare import Verdict
-from analysis.records import Records, load_local
+from analysis.records import Records, flatten_summary, load_local
 from analysis.report import format_numbers, markdown_table
 
 DONE = "catalogue.json"  # experiments.catalogue's record of a finished sweep
@@ -83,7 +83,9 @@ def judge_row(row: Claim, records: Records | None) -> tuple[Verdict, dict[str, s
     if records is None:
         return Verdict("not run", id=row.id, claim=row.quote), {"date": "", "commit": "", "machine": ""}
     verdict = row(records.runs, records.history, benchmarks=records.benchmarks, best_of_n=records.best_of_n)
-    return verdict, provenance(records.runs)
+    # a row measured by a benchmark: its results carry the environment the runs' summaries do
+    measured = pd.DataFrame([flatten_summary(result) for result in records.benchmarks])
+    return verdict, provenance(records.runs if row.benchmark is None else measured)
 
 
 def render(folder: Path, judged: list[tuple[Claim, str, Verdict, dict[str, str]]]) -> str:

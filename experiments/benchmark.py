@@ -16,7 +16,8 @@ a bare ``generate`` of as many new tokens (EOS suppressed), one no-grad forward 
 role (reference, reward model, critic when the algorithm has one) over the same sequences,
 and forward + backward + optimiser step over the same minibatches for every epoch. The ratio
 iteration / lower bound says how much room is left. The actor's own log-prob pass is not
-in the bound: generation could return those log-probs.
+in the bound: generation returns those log-probs (``rollout.logprobs=generate``, the default;
+``rollout.logprobs=forward`` adds the separate pass back, to measure what it costs).
 
 ``sft`` times SFT steps on padded examples and on packed blocks (``sft.packing``) and reports
 real (non-pad) tokens per second.
@@ -82,6 +83,7 @@ from backbone.models import (
     response_values,
     with_gradient_checkpointing,
 )
+from backbone.provenance import environment
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows
@@ -701,6 +703,7 @@ def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
                     "measure": peak_memory_mb(device)["kind"],
                     "model": cfg.model.name,
                     "seed": cfg.seed,
+                    "environment": environment(device),  # date, commit, machine: FINDINGS.md cites them
                 }
                 args.out.mkdir(parents=True, exist_ok=True)
                 variant = "-checkpointing" if checkpointing else ""

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_run import SMALL
 
-from analysis.claims import catalogue
-from analysis.findings import provenance, write_findings
+from analysis.claims import REGISTRY, catalogue
+from analysis.findings import judge_row, provenance, write_findings
+from analysis.records import Records, frames_from_records
 from backbone.provenance import environment, git_commit
 from experiments.catalogue import catalogue_rows, plan
 
@@ -129,3 +130,15 @@ def test_provenance_names_the_commit_date_and_machine():
         "commit": "aaaaaaaaaa, aaaaaaaaaa+dirty",
         "machine": "CPU X, 2 cores",
     }
+
+
+def test_a_benchmark_row_cites_the_environment_of_its_results():
+    import torch
+
+    env = environment(torch.device("cpu"))
+    result = {"mode": "lora_multi_adapter", "update_peak_bytes": 110, "one_model_train_bytes": 100}
+    runs, history = frames_from_records([])
+    records = Records(runs, history, source="b", benchmarks=[{**result, "environment": env}])
+    verdict, where = judge_row(REGISTRY["multi_adapter_memory"], records)
+    assert verdict.verdict == "supported"  # 1.1 <= 1.25
+    assert where["date"] == env["date"] and env["cpu"] in where["machine"]
