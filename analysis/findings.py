@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.claims import Claim, catalogue
@@ -50,17 +51,10 @@ def provenance(runs: pd.DataFrame) -> dict[str, str]:
         return sorted({str(v) for v in runs.get(column, pd.Series(dtype=object)).dropna()})
 
     dates = values("environment/date")
-    commits = [
-        c[:10] + ("+dirty" if d else "")
-        for c, d in sorted(
-            {
-                (c, bool(d))
-                for c, d in zip(runs.get("environment/commit", []), runs.get("environment/dirty", []))
-            }
-            - {(None, False)}
-        )
-        if isinstance(c, str)
-    ]
+    # a frame's missing values are NaN: only real commits count, and only a True marks one dirty
+    flags = zip(runs.get("environment/commit", []), runs.get("environment/dirty", []))
+    pairs = {(c, isinstance(d, (bool, np.bool_)) and bool(d)) for c, d in flags if isinstance(c, str)}
+    commits = [c[:10] + ("+dirty" if d else "") for c, d in sorted(pairs)]
     machines = sorted(
         {
             f"{cpu}, {int(cores)} cores" + (f", {gpu}" if isinstance(gpu, str) else "")

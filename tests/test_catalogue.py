@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,12 +118,13 @@ def test_provenance_names_the_commit_date_and_machine():
 
     runs = pd.DataFrame(
         {
-            "environment/date": ["2026-12-01", "2026-12-02"],
-            "environment/commit": ["a" * 40, "a" * 40],
-            "environment/dirty": [False, True],
-            "environment/cpu": ["CPU X", "CPU X"],
-            "environment/cores": [2, 2],
-            "environment/gpu": [None, None],
+            # the third run has no environment (an older record): NaN in every column
+            "environment/date": ["2026-12-01", "2026-12-02", math.nan],
+            "environment/commit": ["a" * 40, "a" * 40, math.nan],
+            "environment/dirty": [False, True, math.nan],
+            "environment/cpu": ["CPU X", "CPU X", math.nan],
+            "environment/cores": [2, 2, math.nan],
+            "environment/gpu": [None, None, math.nan],
         }
     )
     assert provenance(runs) == {
