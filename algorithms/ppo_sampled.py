@@ -117,7 +117,7 @@ class PPOSampled(Algorithm):
         mean, var = global_masked_mean_var(advantages, every)
         stats = {"advantage_mean": mean, "advantage_std": var.sqrt()}  # raw: whitening would set std 1
         if self.whiten_advantages:
-            advantages = masked_whiten(advantages, every)
+            advantages = masked_whiten(advantages, every, moments=(mean, var))
         tensors = {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines}
         return Batch(rollouts, tensors, stats)
 

@@ -24,7 +24,7 @@ from analysis.compare import Verdict
 from analysis.records import Records, flatten_summary, load_local
 from analysis.report import format_numbers, markdown_table
 
-DONE = "catalogue.json"  # experiments.catalogue's record of a finished sweep
+DONE = "catalogue.json"  # in a sweep's folder once experiments.catalogue has run it (or its benchmark)
 
 MEANING = {
     "supported": "The runs support the claim: its effect is clear in the claimed direction.",

@@ -36,9 +36,16 @@ def global_masked_mean_var(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mean, sq / sums[1].clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / sqrt(var + eps) over masked entries; masked-out entries become 0."""
-    mean, var = global_masked_mean_var(x, mask)
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    moments: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over masked entries; masked-out entries become 0. ``moments``:
+    the (mean, var) of ``global_masked_mean_var(x, mask)`` when the caller has them already."""
+    mean, var = moments if moments is not None else global_masked_mean_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -133,7 +133,9 @@ class RolloutCollector:
         if generated is None:
             return self.stack.actor_logits(rollouts)
         logits = torch.stack(generated, dim=1)  # [n_sampled, T_generated, V]
-        logits = F.pad(logits, (0, 0, 0, rollouts.response_ids.shape[1] - logits.shape[1]))
+        missing = rollouts.response_ids.shape[1] - logits.shape[1]  # longer given responses
+        if missing:  # a [B, T, V] copy, made only when needed
+            logits = F.pad(logits, (0, 0, 0, missing))
         if rollouts.sampled is None:
             return logits
         rows = torch.nonzero(~rollouts.sampled).flatten()

@@ -146,19 +146,14 @@ def peak_memory_mb(device: torch.device) -> dict[str, float | str]:
 def machine(device: torch.device) -> dict:
     """What the numbers were measured on, and how busy it was (1-minute load average; the benchmark's
     own process counts about 1 of it)."""
-    info = {
+    return {
+        **environment(device),  # date, commit, CPU, GPU, versions: what a run's summary records
         "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "device": str(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # --------------------------------------------------------------------------- iteration

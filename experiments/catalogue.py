@@ -34,13 +34,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.claims import REGISTRY, catalogue
-from analysis.findings import write_findings
+from analysis.findings import DONE, write_findings
 from analysis.records import load_local
 from analysis.report import build_report
 from backbone.config import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-DONE = "catalogue.json"  # in a row's folder once its sweep (or benchmark) has finished
 
 register_configs()
 
