@@ -2,7 +2,7 @@
 
 A comparison is only as fair as its budgets. Per algorithm (the evaluation runs of a sweep), `arms_table`
 gives the config its tuning picked (from the sweep's `tuning.json`, written by `hydra/sweeper=tuned`),
-the seeds, the gold and proxy gains and the final KL (mean and 95% interval over seeds, t or bootstrap
+the seeds, the gold and proxy gains and the final KL (mean and 95% interval over seeds, t or sign-flip
 as analysis.inference picks and names), and the compute: optimizer steps, tokens trained (forward +
 backward), tokens generated and wall-clock, so an arm that got four times the gradient steps is visible
 next to its result. `tuning_table` shows every arm's grid: each cell's score per tuning seed, the pick.

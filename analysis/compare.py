@@ -15,11 +15,12 @@ The machinery every catalogue row (analysis.claims) shares:
 3. Per seed, then across seeds: a rule is written in terms of `Effect`s, numbers computed per seed
    (paired across knob values: only seeds present for every compared value count) whose sign says
    whether that part of the claim holds. Across seeds (analysis.inference) each effect gets one test:
-   - a difference: the two-sided one-sample t test of mean 0, with its 95% interval, t or bootstrap
-     (`inference.interval`); when a seed's value is censored (±inf: one arm never reached a level, so
-     only the sign is known) the exact sign test instead, and a median, never a mean. A claim stated
-     one-sided (`alternative="greater"`) is tested one-sided in its direction (the 95% one-sided
-     bound, i.e. the 90% interval, must exclude 0) and two-sided against it;
+   - a difference: the two-sided test of mean 0 that goes with its 95% interval (`inference.interval`:
+     the t test with the t interval, or for skewed values the sign-flip test with its inversion), so
+     the p-value and the interval never disagree; when a seed's value is censored (±inf: one arm never
+     reached a level, so only the sign is known) the exact sign test instead, and a median, never a
+     mean. A claim stated one-sided (`alternative="greater"`) is tested one-sided in its direction
+     (the 95% one-sided bound, i.e. the 90% interval, must exclude 0) and two-sided against it;
    - an equivalence ("about the same": an effect with a `margin`): the TOST of |mean| < margin
      against the one-sided t test of the mean beyond the margin on its side, whichever p is smaller;
      a censored seed lies beyond the margin, so then only the one-sided sign test of "beyond" is made.
@@ -56,6 +57,7 @@ from analysis.inference import (
     Interval,
     holm,
     interval,
+    mean_test,
     seeds_needed,
     sign_pvalue,
     sign_seeds_needed,
@@ -146,8 +148,8 @@ class Effect:
         if self.margin is None:
             if self.censored:  # only the sides are known
                 sign, name, test = int(np.sign(np.sign(values).sum())), "sign test", sign_pvalue
-            else:
-                sign, name, test = int(np.sign(values.mean())), "t test", t_pvalue
+            else:  # the test that goes with the effect's interval
+                sign, (name, test) = int(np.sign(values.mean())), mean_test(values)
             if self.one_sided(sign):
                 return Test(1, test(values, alternative="greater"), f"one-sided {name}")
             return Test(sign, test(values), name)

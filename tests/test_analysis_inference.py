@@ -13,14 +13,17 @@ from test_analysis_support import synthetic_run
 from analysis.claims import REGISTRY
 from analysis.compare import Effect, Finding
 from analysis.inference import (
+    flip_interval,
+    flip_pvalue,
     holm,
     interval,
+    mean_test,
     seeds_needed,
     sign_pvalue,
     sign_seeds_needed,
+    skewed,
     t_pvalue,
     tost_pvalue,
-    use_bootstrap,
 )
 from analysis.records import frames_from_records
 from analysis.stats import Censored
@@ -149,17 +152,79 @@ def test_effect_power_note_uses_the_observed_mean_and_sd():
 SKEWED = [0.1, 0.2, 0.3, 0.2, 0.1, 0.15, 0.2, 0.1, 0.3, 3.0, 0.2, 0.1]  # 12 values, skewness 3.4
 
 
-def test_bootstrap_only_for_10_to_19_skewed_values():
-    assert abs(st.skew(SKEWED, bias=False)) > 1 and use_bootstrap(SKEWED)
-    assert not use_bootstrap(SKEWED[:9])  # too few values for a bootstrap's tails
-    assert not use_bootstrap(SKEWED * 2)  # 24 values: the t interval holds
-    symmetric = list(np.linspace(-1.0, 1.0, 12))
-    assert not use_bootstrap(symmetric)
-    boot = interval(SKEWED)
-    assert boot.method == "bootstrap" and "bootstrap" in str(boot)
-    assert boot.lo < np.mean(SKEWED) < boot.hi and boot.hi - boot.mean > boot.mean - boot.lo  # skewed right
-    expected = st.bootstrap((np.array(SKEWED),), np.mean, method="BCa", random_state=np.random.default_rng(0))
-    assert (boot.lo, boot.hi) == pytest.approx(tuple(expected.confidence_interval), rel=1e-6)
+def test_sign_flip_only_for_10_to_19_skewed_values():
+    assert abs(st.skew(SKEWED, bias=False)) > 1 and skewed(SKEWED)
+    assert not skewed(SKEWED[:9])  # too few values: the t interval is the honest one
+    assert not skewed(SKEWED * 2)  # 24 values: the t interval holds
+    assert not skewed(list(np.linspace(-1.0, 1.0, 12)))
+    result = interval(SKEWED)
+    assert result.method == "sign-flip" and "sign-flip" in str(result)
+    assert result.lo < np.mean(SKEWED) < result.hi and result.hi - result.mean > result.mean - result.lo
+    assert mean_test(SKEWED)[0] == "sign-flip test" and mean_test(SKEWED[:9])[0] == "t test"
+
+
+def brute_flip_pvalue(values, popmean=0.0, alternative="two-sided"):
+    """Every sign pattern, one at a time: the share whose flipped sum is at least (at most, or at least
+    in size) the observed sum."""
+    x = [v - popmean for v in values]
+    observed = sum(x)
+    at_least = at_most = as_large = 0
+    for pattern in range(2 ** len(x)):
+        flipped = sum(-v if pattern >> i & 1 else v for i, v in enumerate(x))
+        at_least += flipped >= observed - 1e-12
+        at_most += flipped <= observed + 1e-12
+        as_large += abs(flipped) >= abs(observed) - 1e-12
+    total = 2 ** len(x)
+    return {"greater": at_least / total, "less": at_most / total, "two-sided": as_large / total}[alternative]
+
+
+FLIP_CASES = [
+    SKEWED,
+    [2.1, -0.4, 0.7, 1.3, 0.2, -0.1, 0.9, 0.05, 0.6, 4.0],
+    [-1.0, 0.3, 0.2, -0.5, 0.1, 0.7, -0.2, -3.5, 0.4, 0.15, 0.35],
+]
+
+
+@pytest.mark.parametrize("values", FLIP_CASES)
+def test_flip_pvalue_against_every_sign_pattern_and_scipy(values):
+    for alternative in ("two-sided", "greater", "less"):
+        assert flip_pvalue(values, alternative=alternative) == pytest.approx(
+            brute_flip_pvalue(values, 0.0, alternative)
+        )
+    assert flip_pvalue(values, 0.3) == pytest.approx(brute_flip_pvalue(values, 0.3))
+    exact = st.permutation_test(
+        (np.asarray(values),), np.mean, permutation_type="samples", n_resamples=np.inf, alternative="greater"
+    )
+    assert flip_pvalue(values, alternative="greater") == pytest.approx(exact.pvalue)
+
+
+@pytest.mark.parametrize("values", FLIP_CASES)
+@pytest.mark.parametrize("confidence", [0.95, 0.90])
+def test_flip_interval_inverts_the_test(values, confidence):
+    """The interval holds exactly the means the test does not reject: just inside an end the
+    brute-force p is at least 1 - confidence, just outside below it, and 0 is excluded exactly when
+    the test of 0 rejects."""
+    result = flip_interval(values, confidence)
+    alpha, step = 1 - confidence, 1e-7 * (result.hi - result.lo)
+    for end, inward in ((result.lo, 1), (result.hi, -1)):
+        assert brute_flip_pvalue(values, end + inward * step) >= alpha
+        assert brute_flip_pvalue(values, end - inward * step) < alpha
+    for shift in np.linspace(result.lo - 1, result.hi + 1, 15):
+        shifted = [v - shift for v in values]
+        excluded = not flip_interval(shifted, confidence).lo <= 0 <= flip_interval(shifted, confidence).hi
+        assert excluded == (flip_pvalue(shifted) < alpha)
+
+
+def test_a_skewed_effect_decides_by_the_test_of_its_interval():
+    """The adam_eps case of the last catalogue: skewed per-seed differences whose BCa interval excluded 0
+    while the t test gave p = 0.29. Now the verdict's test and the printed interval agree."""
+    differences = [-0.02, -0.05, 0.01, -0.03, -0.04, -0.01, 0.02, -0.06, -0.02, -0.95]
+    effect = Effect("d", dict(enumerate(differences)))
+    test, summary = effect.test(), effect.summary()
+    assert summary.method == "sign-flip" and test.name == "sign-flip test"
+    assert (test.p < 0.05) == (summary.hi < 0 or summary.lo > 0)
+    finding = Finding(lambda d: d(effect), [effect], {}, 10)
+    assert finding.strict(effect) == (-1 if test.p < 0.05 else 0)
 
 
 def test_t_interval_by_default():
