@@ -12,7 +12,7 @@ import pytest
 from test_run import SMALL
 
 from analysis.claims import REGISTRY, catalogue
-from analysis.findings import judge_row, provenance, write_findings
+from analysis.findings import judge_row, previous_entries, provenance, write_findings
 from analysis.records import Records, frames_from_records
 from backbone.provenance import environment, git_commit
 from experiments.catalogue import catalogue_rows, plan
@@ -106,6 +106,24 @@ def test_a_finished_catalogue_is_not_run_again_and_its_findings_regenerate_ident
     page = findings.read_text()
     regenerated = write_findings(out, out.parent / "again.md")
     assert regenerated.read_text() == page
+
+
+def test_rows_a_folder_did_not_run_keep_their_entries(ran, tmp_path):
+    """A catalogue run a few rows at a time: rewriting the page from a folder without a row keeps that
+    row's entry verbatim; rewriting it from the row's own folder judges it afresh (the same here)."""
+    out, findings, _ = ran
+    page = tmp_path / "FINDINGS.md"
+    page.write_text(findings.read_text())
+    (tmp_path / "elsewhere").mkdir()
+    write_findings(tmp_path / "elsewhere", page)
+    kept = previous_entries(page.read_text())
+    assert set(kept) == set(ROWS) and kept == previous_entries(findings.read_text())
+    write_findings(out, page)
+    assert previous_entries(page.read_text()) == kept
+    write_findings(tmp_path / "elsewhere", page, keep=False)
+    assert previous_entries(page.read_text()) == {} and page.read_text().count("| not run |") == len(
+        catalogue()
+    )
 
 
 def test_provenance_names_the_commit_date_and_machine():
