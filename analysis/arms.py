@@ -1,7 +1,8 @@
 """The arms of an algorithm comparison side by side: what each was tuned to and what it spent.
 
 A comparison is only as fair as its budgets. Per algorithm (the evaluation runs of a sweep), `arms_table`
-gives the config its tuning picked (from the sweep's `tuning.json`, written by `hydra/sweeper=tuned`),
+gives the config its tuning picked (from the sweep's `tuning.json`, written by `hydra/sweeper=tuned`)
+and the knobs picked at the lowest or highest value of their grid (its best may lie beyond),
 the seeds, the gold and proxy gains and the final KL (mean and 95% interval over seeds, t or sign-flip
 as analysis.inference picks and names), and the compute: optimizer steps, tokens trained (forward +
 backward), tokens generated and wall-clock, so an arm that got four times the gradient steps is visible
@@ -57,13 +58,15 @@ def arms_table(runs: pd.DataFrame, history: pd.DataFrame, tuning: dict) -> tuple
     """Headers and one row per algorithm of the ok evaluation runs."""
     ok = of_phase(runs[runs["status"] == "ok"])
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
-    headers = ["arm", "config", "seeds", *(f"{name} gain" for name, _ in GAINS), "final KL"]
+    headers = ["arm", "config", "grid edge", "seeds", *(f"{name} gain" for name, _ in GAINS), "final KL"]
     headers += [name for name, _ in BUDGET]
     rows = []
     for algorithm, arm in ok.groupby("algorithm", sort=True):
         here = [histories[str(r)] for r in arm["run"] if str(r) in histories]
-        picked = tuning.get(algorithm, {}).get("picked")
-        row = [algorithm, " ".join(picked) if picked else "as configured", arm["seed"].nunique()]
+        tuned = tuning.get(algorithm, {})
+        picked, edges = tuned.get("picked"), tuned.get("edges", {})
+        edge = ", ".join(f"{knob} ({side})" for knob, side in edges.items()) or ("none" if tuned else "-")
+        row = [algorithm, " ".join(picked) if picked else "as configured", edge, arm["seed"].nunique()]
         row += [interval(gain(h, metric) for h in here) for _, metric in GAINS]
         row.append(interval(arm["final/eval/kl_mean"]) if "final/eval/kl_mean" in arm else "n/a")
         row += [f"{arm[column].mean():.4g}" if column in arm else "n/a" for _, column in BUDGET]

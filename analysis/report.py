@@ -100,7 +100,9 @@ def build_report(records: Records, out: Path) -> str:
     if tuning or ok["algorithm"].nunique() > 1:
         sections.append(
             "## Arms\n\nEach algorithm as it ran: at the config its tuning picked (grid below) when the "
-            "sweep was tuned, on evaluation seeds apart from the tuning seeds. Gains are final minus "
+            "sweep was tuned, on evaluation seeds apart from the tuning seeds; 'grid edge' names the knobs "
+            "picked at the lowest or highest value tried, where the arm's best may lie beyond its grid "
+            "(`hydra.sweeper.extend_edges=1` tunes one step further). Gains are final minus "
             "iteration 0 (± = 95% interval over seeds, its method named); the budget columns are means "
             "per run.\n\n" + markdown_table(*arms_table(ok, ok_history, tuning))
         )

@@ -16,7 +16,7 @@ from test_run import SMALL as RUN_SMALL
 
 from backbone.rng import apply_seed_scope
 from backbone.trainer import evaluation_due, mean_gain_over_budget, sampling_se
-from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells, pick
+from hydra_plugins.sandbox_sweepers.tuned_sweeper import beyond, check_grids, edges, grid_cells, pick
 
 # the entry point's small config (8 samples per iteration), without W&B
 SMALL = [*RUN_SMALL, "logger.mode=disabled"]
@@ -99,6 +99,23 @@ def test_pick_takes_the_best_mean_and_never_a_cell_that_failed():
     assert best == 2 and means[0] == pytest.approx(1.5) and means[1] == -math.inf
 
 
+def test_edges_name_the_numeric_knobs_picked_at_an_end_of_their_grid():
+    grid = {"lr": [1e-4, 3e-4, 1e-3], "samples_per_prompt": [4, 8], "baseline": ["a", "b"]}
+    cell = ["algorithm.lr=0.001", "algorithm.samples_per_prompt=4", "algorithm.baseline=a"]
+    assert edges(grid, cell) == {"lr": "highest", "samples_per_prompt": "lowest"}  # not the word axis
+    assert edges(grid, ["algorithm.lr=0.0003", "algorithm.samples_per_prompt=8", "algorithm.baseline=b"]) == {
+        "samples_per_prompt": "highest"
+    }
+
+
+def test_beyond_steps_past_an_edge_by_the_ratio_of_the_outermost_values():
+    assert beyond([1e-4, 3e-4, 1e-3], "highest") == pytest.approx(1e-3 * 1e-3 / 3e-4, rel=1e-2)
+    assert beyond([1e-4, 3e-4, 1e-3], "lowest") == pytest.approx(1e-4 / 3, rel=1e-2)
+    assert beyond([4, 8], "lowest") == 2 and beyond([4, 8], "highest") == 16
+    assert beyond([1, 2], "lowest") == 0  # integers stay integers (a cell that cannot run scores -inf)
+    assert beyond([0.0, 0.5], "lowest") == -0.5  # not both positive: by the difference
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -115,6 +132,7 @@ def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
             "hydra.sweeper.grids.rrhf={lr:[3e-5,3e-4],rank_weight:[0.1]}",
             "hydra.sweeper.tuning_seeds=[100]",
             "hydra.sweeper.eval_seeds=[0]",
+            "hydra.sweeper.extend_edges=1",  # two learning rates: the pick is at an edge, one more is tried
             *SMALL,
             "seed_scope=rl",  # one SFT / reward model for every job, from the session's cache
             "iterations=2",
@@ -130,6 +148,12 @@ def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
 def test_tuned_sweeper_picks_on_tuning_seeds_and_evaluates_on_others(tuned_sweep):
     tuning = json.loads((tuned_sweep / "tuning.json").read_text())
     for arm, record in tuning["arms"].items():
+        # two learning rates, whichever was picked is an edge: one step beyond it (x or / 10) was tuned too,
+        # each cell by one job (the first round's jobs are not run again); the edges are those of the pick
+        first, second, third = record["grid"]["lr"]
+        assert third == pytest.approx(second * 10) or third == pytest.approx(first / 10)
+        assert len(record["cells"]) == 3 and len({c["jobs"][0] for c in record["cells"]}) == 3
+        assert record["edges"] == edges(record["grid"], record["picked"])
         # each cell's score is what its tuning job recorded; the pick is the best of them
         for cell in record["cells"]:
             (job,) = cell["jobs"]
@@ -174,15 +198,16 @@ def test_report_shows_each_arm_with_its_pick_and_budget_and_leaves_tuning_runs_o
     for arm, record in tuning["arms"].items():
         (row,) = [line for line in arms.splitlines() if line.startswith(f"| {arm} |")]
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1] == " ".join(record["picked"]) and cells[2] == "1"  # the pick, one evaluation seed
+        assert cells[1] == " ".join(record["picked"]) and cells[3] == "1"  # the pick, one evaluation seed
+        assert cells[2] == (", ".join(f"{k} ({side})" for k, side in record["edges"].items()) or "none")
         summary = next(
             read_summary(job)
             for job in tuned_sweep.iterdir()
             if (job / "summary.json").exists() and read_summary(job)["algorithm"] == arm
         )
-        assert float(cells[6]) == summary["optimizer_steps"] and float(cells[7]) == summary["tokens_trained"]
+        assert float(cells[7]) == summary["optimizer_steps"] and float(cells[8]) == summary["tokens_trained"]
     grid = text[text.index("## Tuning") : text.index("## Gold at KL")]
-    assert sum(line.startswith(("| ppo_gae |", "| rrhf |")) for line in grid.splitlines()) == 4
+    assert sum(line.startswith(("| ppo_gae |", "| rrhf |")) for line in grid.splitlines()) == 6
     # the series table holds the evaluation runs only: one run per arm, no tuning or stage job
     series = text[text.index("## Runs by series") :].split("## Verdicts")[0]
     rows = [line.split("|") for line in series.splitlines() if line.startswith(("| ppo_gae", "| rrhf"))]

@@ -10,12 +10,21 @@ runs are compared. One multirun does both phases through the configured launcher
     tune       for each arm, every grid cell x tuning seed    -> <sweep>/tune/<job>  (phase=tune)
     pick       per arm, the cell with the highest mean score  -> <sweep>/tuning.json and
                over the tuning seeds                             <sweep>/conf/algorithm/tuned_<arm>.yaml
+    extend     (``extend_edges`` rounds, 0 by default) an arm picked at the edge of a numeric axis gets
+               that axis extended one step beyond it (the ratio of its two outermost values), the new
+               cells are tuned, and the pick is made again
     evaluate   each arm's picked cell x evaluation seed        -> <sweep>/<job>       (phase=evaluate)
 
 A job's score is what ``experiments.run`` returns: the mean gold gain over the sample budget (area under
 the gold curve; the proxy's only on a task without gold), so tuning never rewards hacking the reward
 model. A cell whose job failed scores -inf for that seed (it cannot be picked over a cell that ran).
 The picked configs are reusable: ``hydra.searchpath=[file://<sweep>/conf] algorithm=tuned_ppo_gae``.
+
+A pick at the edge of its grid (the largest learning rate tried, say) says the arm's best may lie beyond
+it, and a comparison of that arm is then a comparison at a grid, not at a tuned config: ``tuning.json``
+names each pick's edges (``edges``: knob -> "lowest" / "highest") and the report prints them. Extending
+gives the arms that need it more cells than the others (equal effort becomes "tuned until interior");
+``tuning.json`` records each arm's cells, so the effort spent is in the record either way.
 """
 
 # no `from __future__ import annotations`: Hydra executes plugin modules outside sys.modules, where a
@@ -54,6 +63,8 @@ class TunedSweeperConf:
     eval_seeds: list[int] = field(default_factory=lambda: list(range(10)))
     # overrides every job of both phases gets (the row's fixed settings)
     params: dict[str, str] = field(default_factory=dict)
+    # rounds of extending an axis whose edge value was picked (0: report edges only)
+    extend_edges: int = 0
 
 
 # conf/hydra/sweeper/tuned.yaml extends this schema with the grid of every algorithm
@@ -81,6 +92,34 @@ def check_grids(arms: Sequence[str], grids: dict[str, dict[str, list[Any]]]) -> 
         raise ValueError(f"hydra.sweeper.grids: unequal tuning effort, cells per arm {sizes}")
 
 
+def edges(grid: dict[str, list[Any]], cell: list[str]) -> dict[str, str]:
+    """The numeric axes of `grid` (two values or more) whose value in `cell` is their lowest or highest."""
+    found = {}
+    for knob, values in grid.items():
+        numbers = sorted(v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if len(numbers) < 2 or len(numbers) < len(values):
+            continue
+        picked = next(o.split("=", 1)[1] for o in cell if o.split("=", 1)[0] == f"algorithm.{knob}")
+        if picked == str(numbers[0]):
+            found[knob] = "lowest"
+        elif picked == str(numbers[-1]):
+            found[knob] = "highest"
+    return found
+
+
+def beyond(values: list[Any], side: str) -> int | float:
+    """One step past the `side` end of a numeric axis: by the ratio of its two outermost values when
+    they are positive (1e-4, 3e-4 -> 9e-4 or 3.33e-5), else by their difference; integers stay integers."""
+    ordered = sorted(values)
+    edge, inner = (ordered[-1], ordered[-2]) if side == "highest" else (ordered[0], ordered[1])
+    step = edge * (edge / inner) if edge > 0 and inner > 0 else edge + (edge - inner)
+    if all(isinstance(v, int) for v in values):
+        step = round(step)
+        if step == edge:  # 1, 2 -> 0 or 3: a rounding must still move
+            step = edge + (1 if side == "highest" else -1)
+    return float(f"{step:.3g}") if isinstance(step, float) else step
+
+
 def job_score(result: JobReturn) -> float:
     """A finished job's returned score; -inf for a job that failed or returned none."""
     if result.status != JobStatus.COMPLETED or result.return_value is None:
@@ -104,8 +143,10 @@ class TunedSweeper(Sweeper):
         tuning_seeds: list[int],
         eval_seeds: list[int],
         params: dict[str, str],
+        extend_edges: int = 0,
     ) -> None:
         self.arms = list(arms)
+        self.extend_edges = extend_edges
         self.grids = {arm: {k: list(v) for k, v in grid.items()} for arm, grid in grids.items()}
         self.tuning_seeds = list(tuning_seeds)
         self.eval_seeds = list(eval_seeds)
@@ -171,60 +212,53 @@ class TunedSweeper(Sweeper):
             _ = result.return_value  # a seed whose stages cannot be built stops the sweep here
         job_index = len(batch)
 
-        # tune: every arm's cells x tuning seeds, in one batch so a parallel launcher fills its workers
-        cells = {arm: grid_cells(self.grids[arm]) for arm in self.arms}
-        tune_jobs = [
-            (arm, c, seed) for arm in self.arms for c in range(len(cells[arm])) for seed in self.tuning_seeds
-        ]
-        batch = [
-            [
-                f"algorithm={arm}",
-                *cells[arm][c],
-                f"seed={seed}",
-                "phase=tune",
-                *fixed,
-                "hydra.sweep.subdir=tune/${hydra.job.num}",
+        # tune: every arm's cells x tuning seeds, in one batch so a parallel launcher fills its workers;
+        # then pick, and (extend_edges) tune the cells beyond an edge that was picked, and pick again
+        grids = {arm: {k: list(v) for k, v in self.grids[arm].items()} for arm in self.arms}
+        results: dict[tuple[str, tuple[str, ...], int], JobReturn] = {}
+        for round_ in range(self.extend_edges + 1):
+            cells = {arm: grid_cells(grids[arm]) for arm in self.arms}
+            tune_jobs = [
+                (arm, tuple(cell), seed)
+                for arm in self.arms
+                for cell in cells[arm]
+                for seed in self.tuning_seeds
+                if (arm, tuple(cell), seed) not in results
             ]
-            for arm, c, seed in tune_jobs
-        ]
-        self.validate_batch_is_legal(batch)
-        log.info(
-            "tuning: %d jobs (%d arms x %d cells x %d seeds)",
-            len(batch),
-            len(self.arms),
-            len(cells[self.arms[0]]),
-            len(self.tuning_seeds),
-        )
-        tune_results = self.launcher.launch(batch, initial_job_idx=job_index)
-        job_index += len(batch)
-        scores = {arm: [[] for _ in cells[arm]] for arm in self.arms}
-        folders = {arm: [[] for _ in cells[arm]] for arm in self.arms}
-        for (arm, c, _seed), result in zip(tune_jobs, tune_results):
-            scores[arm][c].append(job_score(result))
-            folders[arm][c].append(
-                str(Path(result.hydra_cfg.hydra.runtime.output_dir).relative_to(sweep_dir))
-            )
+            batch = [
+                [
+                    f"algorithm={arm}",
+                    *cell,
+                    f"seed={seed}",
+                    "phase=tune",
+                    *fixed,
+                    "hydra.sweep.subdir=tune/${hydra.job.num}",
+                ]
+                for arm, cell, seed in tune_jobs
+            ]
+            self.validate_batch_is_legal(batch)
+            log.info("tuning round %d: %d jobs", round_, len(batch))
+            results.update(zip(tune_jobs, self.launcher.launch(batch, initial_job_idx=job_index)))
+            job_index += len(batch)
+            picked = {arm: self.pick_arm(arm, cells[arm], results, sweep_dir) for arm in self.arms}
+            at_edge = {arm: edges(grids[arm], picked[arm]["picked"]) for arm in self.arms}
+            if round_ == self.extend_edges or not any(at_edge.values()):
+                break
+            for arm, sides in at_edge.items():
+                for knob, side in sides.items():
+                    grids[arm][knob].append(beyond(grids[arm][knob], side))
+                    log.info("%s picked %s at its %s: extending to %s", arm, knob, side, grids[arm][knob][-1])
 
-        # pick: per arm the best mean score; its resolved algorithm config becomes a reusable option
         tuning = {}
-        picked = {}
         for arm in self.arms:
-            best, means = pick(cells[arm], scores[arm])
-            if not math.isfinite(means[best]):
-                raise RuntimeError(
-                    f"tuning {arm}: every cell failed on some tuning seed; see {sweep_dir / 'tune'}"
-                )
-            picked[arm] = cells[arm][best]
-            tuning[arm] = {
-                "picked": cells[arm][best],
-                "score": means[best],
-                "cells": [
-                    {"overrides": cell, "scores": scores[arm][c], "mean": means[c], "jobs": folders[arm][c]}
-                    for c, cell in enumerate(cells[arm])
-                ],
-            }
-            job = next(r for (a, c, _), r in zip(tune_jobs, tune_results) if a == arm and c == best)
-            write_tuned_option(sweep_dir, arm, job.cfg.algorithm, tuning[arm], self.tuning_seeds)
+            tuning[arm] = {**picked[arm], "edges": at_edge[arm], "grid": grids[arm]}
+            for knob, side in at_edge[arm].items():
+                log.warning("tuned %s: %s picked at the %s value of its grid", arm, knob, side)
+            best = next(
+                r for (a, cell, _), r in results.items() if a == arm and list(cell) == tuning[arm]["picked"]
+            )
+            write_tuned_option(sweep_dir, arm, best.cfg.algorithm, tuning[arm], self.tuning_seeds)
+        picked = {arm: tuning[arm]["picked"] for arm in self.arms}
         record = {
             "score": "auc_gain/eval/gold_mean: mean gold gain over the sample budget (proxy without gold)",
             "tuning_seeds": self.tuning_seeds,
@@ -246,7 +280,37 @@ class TunedSweeper(Sweeper):
         eval_results = self.launcher.launch(batch, initial_job_idx=job_index)
         for result in eval_results:
             _ = result.return_value  # re-raises a failed job's error: the sweep exits non-zero
-        return [tune_results, eval_results]
+        return [list(results.values()), eval_results]
+
+    def pick_arm(
+        self, arm: str, cells: list[list[str]], results: dict[tuple, JobReturn], sweep_dir: Path
+    ) -> dict:
+        """`arm`'s pick among `cells` from its tuning jobs' scores: the picked cell, its score, every cell."""
+        scores = [
+            [job_score(results[(arm, tuple(cell), seed)]) for seed in self.tuning_seeds] for cell in cells
+        ]
+        best, means = pick(cells, scores)
+        if not math.isfinite(means[best]):
+            raise RuntimeError(
+                f"tuning {arm}: every cell failed on some tuning seed; see {sweep_dir / 'tune'}"
+            )
+
+        def folder(result: JobReturn) -> str:
+            return str(Path(result.hydra_cfg.hydra.runtime.output_dir).relative_to(sweep_dir))
+
+        return {
+            "picked": cells[best],
+            "score": means[best],
+            "cells": [
+                {
+                    "overrides": cell,
+                    "scores": scores[c],
+                    "mean": means[c],
+                    "jobs": [folder(results[(arm, tuple(cell), seed)]) for seed in self.tuning_seeds],
+                }
+                for c, cell in enumerate(cells)
+            ],
+        }
 
 
 def write_tuned_option(
