@@ -4,6 +4,7 @@
         [--iterations 5] [--warmup 1] [--out outputs/benchmarks]
     python -m experiments.benchmark sft [OVERRIDES...] [--steps 20] [--warmup 1]
     python -m experiments.benchmark memory [OVERRIDES...] [--out outputs/benchmarks]
+    python -m experiments.benchmark sweep [SWEEP OVERRIDES...] [--keep DIR] [--out outputs/benchmarks]
 
 OVERRIDES are Hydra overrides of the project's conf/ (``model=gpt2_124m_shape``,
 ``rollout.samples_per_iteration=8``, ...), as for ``experiments.run``.
@@ -33,6 +34,15 @@ held (parameters and buffers, a storage shared by roles counted once) and the pe
 the process's size before building. Besides the report it writes ``memory_<mode>[-checkpointing]-*.json``
 per measurement, the results analysis/claims reads.
 
+``sweep`` runs a real multirun, ``python -m experiments.run -m SWEEP OVERRIDES`` on the local parallel
+launcher (``+experiment=three_algorithms`` times a catalogue row; ``algorithm=ppo_gae,rrhf seed=0,1`` a
+small sweep), into a fresh folder with a fresh artifact cache unless ``paths.artifacts`` is given, and
+reports its wall-clock, jobs per hour, and where the jobs' time went, from each job's summary
+(``time/job_s`` and its phases, experiments.run): building or loading the stages, best-of-n, RL
+(of which evaluation: the history's ``time/eval_s``), the rest of the job (config, task, W&B, models),
+and what lies outside every job: process start, imports and the launcher, the sweep's wall-clock times
+its workers less the jobs' own time.
+
 Each run writes one JSON file under ``--out`` and prints its tables. Peak memory is the
 process's resident set on CPU (its high-water mark reset per measurement where Linux allows)
 and ``torch.cuda.max_memory_allocated`` on GPU.
@@ -49,6 +59,8 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -752,6 +764,92 @@ def memory_table(report: dict) -> str:
     return f"{markdown_table(header, rows)}\n\npeak: {measure} over the process's size before loading"
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+SWEEP_PHASES = ("stages", "best_of_n", "rl")
+
+
+def job_breakdown(job: Path) -> dict[str, float]:
+    """One job's seconds: the whole job, its phases, evaluation within RL, and the rest of the job."""
+    summary = json.loads((job / "summary.json").read_text())
+    times = {phase: float(summary.get(f"time/{phase}_s", 0.0)) for phase in SWEEP_PHASES}
+    history = job / "history.jsonl"
+    rows = [json.loads(line) for line in history.read_text().splitlines()] if history.exists() else []
+    times["eval"] = sum(float(row.get("time/eval_s", 0.0)) for row in rows if "iteration" in row)
+    times["job"] = float(summary["time/job_s"])
+    times["rest_of_job"] = times["job"] - sum(times[phase] for phase in SWEEP_PHASES)
+    return times
+
+
+def run_sweep(args: argparse.Namespace, overrides: list[str]) -> dict:
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="sweep-benchmark-"))
+    sweep_dir = folder / "sweep"
+    own_cache = not any(o.startswith("paths.artifacts=") for o in overrides)
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "-m",
+        *overrides,
+        *([f"paths.artifacts={folder / 'artifacts'}"] if own_cache else []),
+        "hydra/launcher=local_parallel",
+        f"hydra.launcher.n_jobs={args.workers}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"the sweep failed, see {sweep_dir} ({' '.join(command)}):\n{result.stderr[-3000:]}"
+        )
+    jobs = {
+        str(p.parent.relative_to(sweep_dir)): job_breakdown(p.parent) for p in sweep_dir.rglob("summary.json")
+    }
+    if args.keep is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    totals = {
+        key: sum(job[key] for job in jobs.values()) for key in (*SWEEP_PHASES, "eval", "rest_of_job", "job")
+    }
+    # seconds of the workers not spent inside a job: process start, imports, launcher, waiting
+    totals["outside_jobs"] = wall * args.workers - totals["job"]
+    return {
+        "machine": machine(torch.device("cpu")),
+        "sweep": command,
+        "workers": args.workers,
+        "wall_s": wall,
+        "jobs": len(jobs),
+        "jobs_per_hour": 3600 * len(jobs) / wall,
+        "totals_s": totals,
+        "per_job": jobs,
+    }
+
+
+SWEEP_ROWS = (
+    ("stages (build or load)", "stages"),
+    ("best-of-n reference", "best_of_n"),
+    ("RL training, evaluation excluded", "train"),
+    ("evaluation", "eval"),
+    ("rest of the job (config, task, W&B, models)", "rest_of_job"),
+    ("outside the jobs (process start, imports, launcher)", "outside_jobs"),
+)
+
+
+def sweep_table(report: dict) -> str:
+    spent = {**report["totals_s"], "train": report["totals_s"]["rl"] - report["totals_s"]["eval"]}
+    jobs, worker_s = report["jobs"], report["wall_s"] * report["workers"]
+    rows = [
+        [name, f"{spent[key]:.1f}", f"{spent[key] / jobs:.2f}", f"{spent[key] / worker_s:.0%}"]
+        for name, key in SWEEP_ROWS
+    ]
+    head = (
+        f"{jobs} jobs in {report['wall_s']:.1f} s on {report['workers']} workers: "
+        f"{report['jobs_per_hour']:.0f} jobs per hour\n\n"
+    )
+    return head + markdown_table(["where", "total s", "s per job", "share of worker time"], rows)
+
+
 # --------------------------------------------------------------------------- report and CLI
 
 
@@ -788,9 +886,14 @@ def parser() -> argparse.ArgumentParser:
     memory = commands.add_parser("memory", help="peak memory of the four roles: full models vs LoRA adapters")
     memory.set_defaults(run=run_memory, table=memory_table)
 
+    sweep = commands.add_parser("sweep", help="a real sweep end to end: jobs per hour, where their time goes")
+    sweep.add_argument("--workers", type=int, default=2, help="the local parallel launcher's n_jobs")
+    sweep.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    sweep.set_defaults(run=run_sweep, table=sweep_table)
+
     for sub in (iteration, sft):
         sub.add_argument("--warmup", type=int, default=1, help="unmeasured iterations or steps first")
-    for sub in (iteration, sft, memory):
+    for sub in (iteration, sft, memory, sweep):
         sub.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model=gpt2_124m_shape")
         sub.add_argument("--out", type=Path, default=Path("outputs/benchmarks"), help="where the JSON goes")
     return main_parser

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
 from backbone.stages import StageArtifacts, prepare_stages
 from backbone.tasks.base import SPLITS, Task
+from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
 from backbone.trainer import Preempted, Trainer, planned_iterations
 from backbone.validation import check_run_config, check_targets
@@ -117,7 +119,15 @@ def parallel_jobs() -> int:
     return len(os.sched_getaffinity(0)) if n_jobs < 0 else n_jobs
 
 
+def job_times(timer: PhaseTimer, started: float) -> dict[str, float]:
+    """This process's seconds in the job (``time/job_s``) and in its big phases (``time/stages_s``,
+    ``time/best_of_n_s``, ``time/rl_s``): what a sweep's jobs spend besides training
+    (``experiments.benchmark sweep`` reads them)."""
+    return {**timer.pop(), "time/job_s": time.perf_counter() - started}
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()  # one progress bar per stage is ours
     cfg, checkpoint, state = resume_point(apply_seed_scope(cfg), run_dir)
     seed_everything(cfg.seed)
@@ -156,7 +166,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tracker.summary(
             {**identity, "cpu_threads": torch.get_num_threads(), "environment": environment(device)}
         )
-        stages = prepare_stages(cfg, task, tracker.log)
+        timer = PhaseTimer(device)
+        with timer.phase("stages"):
+            stages = prepare_stages(cfg, task, tracker.log)
         artifacts = {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name}
         if algorithm.needs_critic:
             artifacts["critic"] = Path(stages.critic).name  # where the critic starts
@@ -168,8 +180,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         # before the RL jobs that share it
         rl = planned_iterations(cfg) > 0
         if task.has_gold and cfg.frontier.best_of_n > 0 and (rl or cfg.phase == "stages"):
-            write_best_of_n(cfg, task, stages, device, run_dir)
+            with timer.phase("best_of_n"):
+                write_best_of_n(cfg, task, stages, device, run_dir)
         if not rl:
+            tracker.summary(job_times(timer, started))
             return {}
         # the RL stream (and any freshly initialised head or adapter) does not depend on whether
         # the stages were built in this process or read from the cache
@@ -179,11 +193,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if state is not None:
             trainer.load_state(state, checkpoint)
         try:
-            summary = trainer.run()
+            with timer.phase("rl"):
+                summary = trainer.run()
         except Preempted:
             tracker.mark_preempting()
             raise
-        tracker.summary(summary)
+        tracker.summary({**summary, **job_times(timer, started)})
         return summary
 
 

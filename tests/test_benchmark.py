@@ -111,3 +111,35 @@ def test_memory_reports_both_storage_modes_in_the_files_analysis_reads(tmp_path,
         for result in (full, lora):
             assert result["one_model_bytes"] >= 0 and 0 <= result["peak_bytes"] <= result["update_peak_bytes"]
             assert result["one_model_train_bytes"] >= result["one_model_bytes"]  # a step holds more
+
+
+def test_sweep_reports_jobs_per_hour_and_where_their_time_went(tmp_path, artifacts_dir):
+    sweep = [
+        "seed=0,1",
+        "iterations=2",
+        "logger.mode=disabled",
+        "frontier.best_of_n=16",
+        "frontier.prompts=4",
+    ]
+    argv = [
+        "sweep",
+        *STAGES,
+        *RL,
+        *sweep,
+        f"paths.artifacts={artifacts_dir}",
+        "--keep",
+        str(tmp_path / "kept"),
+    ]
+    report = json.loads(main([*argv, "--out", str(tmp_path / "out")]).read_text())
+    assert report["jobs"] == 2 and set(report["per_job"]) == {"0", "1"} and report["workers"] == 2
+    assert report["jobs_per_hour"] == pytest.approx(3600 * 2 / report["wall_s"])
+    for name, job in report["per_job"].items():
+        summary = json.loads((tmp_path / "kept" / "sweep" / name / "summary.json").read_text())
+        assert job["job"] == pytest.approx(summary["time/job_s"]) and job["rl"] == pytest.approx(
+            summary["time/rl_s"]
+        )
+        assert min(job["stages"], job["best_of_n"], job["rest_of_job"]) > 0 and 0 < job["eval"] < job["rl"]
+        assert job["job"] == pytest.approx(job["stages"] + job["best_of_n"] + job["rl"] + job["rest_of_job"])
+    totals = report["totals_s"]
+    assert totals["job"] == pytest.approx(sum(job["job"] for job in report["per_job"].values()))
+    assert totals["outside_jobs"] == pytest.approx(report["wall_s"] * 2 - totals["job"])
