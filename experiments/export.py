@@ -117,18 +117,16 @@ def export(source: Path, out: Path, artifacts: Path | None = None) -> dict[str, 
     model_cfg = run.cfg.model
     tokenizer = load_tokenizer(run.sft, model_cfg.trust_remote_code)
     actor_dir = run.checkpoint / "actor"
-    lora = is_adapter(actor_dir)
-    written = {"actor": out / "actor"}
-    actor = causal_lm(run.sft if lora else actor_dir, actor_dir if lora else None, model_cfg)
-    actor.save_pretrained(written["actor"])
-    tokenizer.save_pretrained(written["actor"])
+    base, adapter = (run.sft, actor_dir) if is_adapter(actor_dir) else (actor_dir, None)
+    # every model is built (and each value model checked) before anything is written
+    models = {"actor": (causal_lm(base, adapter, model_cfg), tokenizer)}
     roles = {"reward_model": run.reward} | ({"critic": run.checkpoint / "critic"} if run.has_critic else {})
     for role, path in roles.items():
-        classifier, role_tokenizer = sequence_classifier(
-            value_model(path, run.sft, model_cfg), tokenizer, str(path)
-        )
+        models[role] = sequence_classifier(value_model(path, run.sft, model_cfg), tokenizer, str(path))
+    written = {}
+    for role, (model, role_tokenizer) in models.items():
         written[role] = out / role
-        classifier.save_pretrained(written[role])
+        model.save_pretrained(written[role])
         role_tokenizer.save_pretrained(written[role])
     return written
 
