@@ -320,6 +320,10 @@ class EngineConfig:
     offload_param: bool = False
     # deepspeed only: fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
     precision: str = "fp32"
+    # deepspeed only: a DeepSpeed JSON file merged over the config built from engine.* and optim.*, its
+    # keys winning (objects merged key by key); the batch sizes, optimizer, scheduler and ZeRO stage
+    # stay the sandbox's (backbone/engine.py)
+    deepspeed_config: str | None = None
 
 
 @dataclass

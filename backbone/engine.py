@@ -5,8 +5,9 @@ stack), so one engine holds both, as the design recommends over a one-model-per-
 
 - ``TorchEngine``: plain PyTorch on one device.
 - ``DeepSpeedEngine`` (``engine=deepspeed_zero1|2|3``): the same optimiser and schedule handed
-  to ``deepspeed.initialize`` with a JSON config built from ``engine.*`` and ``optim.*``;
-  DeepSpeed all-reduces gradients over the ranks, clips, partitions (ZeRO) and steps.
+  to ``deepspeed.initialize`` with a JSON config built from ``engine.*`` and ``optim.*`` (and a
+  user's JSON, ``engine.deepspeed_config``, merged over it); DeepSpeed all-reduces gradients over
+  the ranks, clips, partitions (ZeRO) and steps.
 
 Both skip a step whose gradient is not finite (``step`` returns None): weights, optimiser
 moments and schedule stay as they were. Both save and load their own resume state.
@@ -88,9 +89,14 @@ def adamw_with_schedule(param_groups: list[dict], optim_cfg, total_steps: int):
     return optimizer, scheduler
 
 
+def micro_batch_size(minibatch_size: int) -> int:
+    """Each rank's share of an update minibatch (DeepSpeed's ``train_micro_batch_size_per_gpu``)."""
+    return max(1, minibatch_size // distributed.world_size())
+
+
 def build_engine(stack: nn.Module, param_groups: list[dict], cfg, total_steps: int, minibatch_size: int):
     if cfg.engine.name == "deepspeed":
-        micro_batch = max(1, minibatch_size // distributed.world_size())
+        micro_batch = micro_batch_size(minibatch_size)
         return DeepSpeedEngine(stack, param_groups, cfg.optim, total_steps, cfg.engine, micro_batch)
     return TorchEngine(stack, param_groups, cfg.optim, total_steps)
 
@@ -137,9 +143,71 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+# what the trainer's loop relies on: one optimiser step per minibatch, its own AdamW and schedule, the
+# ZeRO stage it gathers weights for. A user's JSON may repeat these, not change them.
+FIXED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "zero_optimization.stage",
+)
+
+
 def deepspeed_config(engine_cfg, optim_cfg, micro_batch_size: int) -> dict:
-    """DeepSpeed's JSON config from the Hydra config. One optimiser step per minibatch: the
+    """DeepSpeed's JSON config: built from the Hydra config, then the user's JSON
+    (``engine.deepspeed_config``) merged over it, the user's keys winning (``merge_config``)
+    except ``FIXED_KEYS``, which it may not change. One optimiser step per minibatch: the
     trainer accumulates nothing, so DeepSpeed's batch sizes only describe a minibatch."""
+    built = _built_deepspeed_config(engine_cfg, optim_cfg, micro_batch_size)
+    if engine_cfg.deepspeed_config is None:
+        return built
+    path = Path(engine_cfg.deepspeed_config)
+    merged = merge_config(built, read_json_object(path))
+    changed = [key for key in FIXED_KEYS if _select(merged, key) != _select(built, key)]
+    if changed:
+        raise ValueError(
+            f"engine.deepspeed_config={path}: {', '.join(changed)} cannot change (the sandbox sets them: "
+            "one optimiser step per algorithm.minibatch_size, its AdamW and schedule from optim.*, the ZeRO "
+            "stage from engine.zero_stage)"
+        )
+    return merged
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """``override`` merged over ``base``, recursively: where both hold a dict under a key, the dicts are
+    merged; anywhere else (scalars, lists) the override's value replaces the base's."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object, or a ValueError naming the file and what is wrong."""
+    try:
+        value = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"engine.deepspeed_config={path}: cannot be read ({error.strerror})") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"engine.deepspeed_config={path}: not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        found = type(value).__name__
+        raise ValueError(f"engine.deepspeed_config={path}: expected a JSON object, found {found}")
+    return value
+
+
+def _select(config: dict, dotted: str):
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def _built_deepspeed_config(engine_cfg, optim_cfg, micro_batch_size: int) -> dict:
     zero: dict = {"stage": engine_cfg.zero_stage}
     if engine_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}

@@ -246,9 +246,7 @@ class ValueModel(nn.Module):
     def pool(self, values: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> Tensor:
         """[B, L] values -> [B] scores."""
         if self.pooling == "last":
-            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-            last = (attention_mask * columns).argmax(dim=1)  # [B] last non-pad position
-            return values.gather(1, last.unsqueeze(1)).squeeze(1)
+            return last_position(values, attention_mask)
         mask = attention_mask if response_mask is None else response_mask
         return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
@@ -297,6 +295,13 @@ class ValueModel(nn.Module):
         model = cls(body, meta.pop("pooling"), metadata=meta)
         model.load_head(path)
         return model
+
+
+def last_position(values: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, L] values -> [B]: each row's value at its last attended position (pads on either side)."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * columns).argmax(dim=1)  # [B]
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 def value_metadata(path: str | Path) -> dict:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from algorithms.base import Algorithm
 from backbone import distributed
 from backbone.config import CriticConfig
+from backbone.engine import deepspeed_config, micro_batch_size
 from backbone.kl import ESTIMATORS
 from backbone.ptx import PTX_SOURCES
 from backbone.reward import KL_COEF_UNITS, NORMALIZE_MODES
@@ -106,7 +107,7 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
             if key in CRITIC_KEYS and cfg.algorithm[key] != default
         ]
     problems += _peft_problems(cfg)
-    problems += _engine_problems(cfg, rollout.samples_per_iteration // n)
+    problems += _engine_problems(cfg, rollout.samples_per_iteration // n, algorithm.minibatch_size)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -129,8 +130,9 @@ def _peft_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _engine_problems(cfg: DictConfig, prompts_per_iteration: int) -> list[str]:
-    """What the distributed engine cannot do, given the ranks it runs on."""
+def _engine_problems(cfg: DictConfig, prompts_per_iteration: int, minibatch_size: int) -> list[str]:
+    """What the distributed engine cannot do, given the ranks it runs on; a user's DeepSpeed JSON
+    that cannot be read or changes what the trainer relies on."""
     engine, world = cfg.engine, distributed.world_size()
     problems = []
     if prompts_per_iteration % world:
@@ -141,7 +143,15 @@ def _engine_problems(cfg: DictConfig, prompts_per_iteration: int) -> list[str]:
     if engine.name != "deepspeed":
         if world > 1:
             problems.append(f"engine.name={engine.name!r} runs one process; {world} ranks need deepspeed")
+        if engine.deepspeed_config is not None:
+            problems.append(
+                f"engine.deepspeed_config={engine.deepspeed_config}: read by engine=deepspeed_zero* only"
+            )
         return problems
+    try:
+        deepspeed_config(engine, cfg.optim, micro_batch_size(minibatch_size))
+    except ValueError as error:
+        problems.append(str(error))
     if engine.zero_stage not in (1, 2, 3):
         # stage 0 steps a non-finite gradient into the weights; engine=torch is the one-process path
         problems.append(f"engine.zero_stage={engine.zero_stage}: DeepSpeed runs at ZeRO stage 1, 2 or 3")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 
 from backbone.config import EngineConfig, OptimConfig
-from backbone.engine import TorchEngine, cpu_threads, deepspeed_config
+from backbone.engine import DeepSpeedEngine, TorchEngine, cpu_threads, deepspeed_config, merge_config
 
 
 def engine_and_model() -> tuple[TorchEngine, nn.Module]:
@@ -93,3 +98,103 @@ def test_the_entry_points_make_idle_openmp_threads_sleep():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
+
+
+# --------------------------------------------------------------------------- a user's DeepSpeed JSON
+
+
+def test_a_users_keys_win_and_objects_merge_key_by_key():
+    base = {
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "bf16": {"enabled": False},
+    }
+    user = {
+        "zero_optimization": {"offload_optimizer": {"pin_memory": True}, "reduce_bucket_size": 5},
+        "bf16": True,
+    }
+    assert merge_config(base, user) == {
+        "zero_optimization": {
+            "stage": 2,
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "reduce_bucket_size": 5,
+        },
+        "bf16": True,  # not an object: replaces the base's
+    }
+    assert base["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}  # untouched
+    assert merge_config(base, {"x": [1, 2]})["x"] == [1, 2]
+
+
+def user_json(tmp_path, text: str) -> EngineConfig:
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    return EngineConfig(name="deepspeed", zero_stage=2, deepspeed_config=str(path))
+
+
+USER_DS = {
+    "zero_optimization": {"reduce_bucket_size": 12345},
+    "gradient_clipping": 0.25,
+    "wall_clock_breakdown": True,
+}
+
+
+def test_the_users_json_is_merged_over_the_built_config(tmp_path):
+    optim = OptimConfig(grad_clip=1.0)
+    built = deepspeed_config(EngineConfig(name="deepspeed", zero_stage=2), optim, micro_batch_size=4)
+    config = deepspeed_config(user_json(tmp_path, json.dumps(USER_DS)), optim, micro_batch_size=4)
+    assert config == {**built, **USER_DS, "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345}}
+    # the keys the trainer relies on may be repeated as they are, not changed
+    same = {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}
+    assert deepspeed_config(user_json(tmp_path, json.dumps(same)), optim, micro_batch_size=4) == built
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", r"ds\.json: not valid JSON"),
+        ("[1]", r"ds\.json: expected a JSON object, found list"),
+        (
+            '{"gradient_accumulation_steps": 4, "optimizer": {"type": "Adam"}}',
+            r"ds\.json: gradient_accumulation_steps, optimizer cannot change",
+        ),
+        ('{"zero_optimization": {"stage": 3}}', r"ds\.json: zero_optimization\.stage cannot change"),
+    ],
+)
+def test_a_bad_json_names_the_file(tmp_path, text, message):
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(ValueError, match=rf"engine\.deepspeed_config={folder}/{message}"):
+        deepspeed_config(user_json(tmp_path, text), OptimConfig(), 4)
+    with pytest.raises(ValueError, match=rf"engine\.deepspeed_config={folder}/missing\.json: cannot be read"):
+        deepspeed_config(
+            EngineConfig(name="deepspeed", deepspeed_config=str(tmp_path / "missing.json")), OptimConfig(), 4
+        )
+
+
+def _build_engine_on_one_rank(rank: int, port: int, path: str, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = nn.Linear(3, 2)
+        engine_cfg = EngineConfig(name="deepspeed", zero_stage=1, deepspeed_config=path)
+        engine = DeepSpeedEngine(
+            model, [{"params": list(model.parameters()), "lr": 0.1}], OptimConfig(), 10, engine_cfg, 2
+        )
+        ds = engine.engine
+        results.update(
+            bucket=ds.zero_reduce_bucket_size(),
+            clipping=ds.gradient_clipping(),
+            stage=ds.zero_optimization_stage(),
+            breakdown=ds.wall_clock_breakdown(),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_deepspeed_engine_is_built_with_the_users_keys(tmp_path):
+    """One CPU rank (gloo) in a process of its own, so no process group outlives the test."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(USER_DS))
+    results = mp.Manager().dict()
+    mp.spawn(_build_engine_on_one_rank, args=(free_port(), str(path), results), nprocs=1)
+    assert dict(results) == {"bucket": 12345, "clipping": 0.25, "stage": 1, "breakdown": True}

@@ -58,6 +58,14 @@ def test_the_default_configs_pass():
         (["engine=deepspeed_zero1", "engine.zero_stage=0"], "DeepSpeed runs at ZeRO stage 1, 2 or 3"),
         (["engine=deepspeed_zero2", "engine.offload_param=true"], "offloaded at ZeRO stage 3 only"),
         (["engine=deepspeed_zero2", "engine.precision=fp8"], "engine.precision='fp8'"),
+        (
+            ["engine=deepspeed_zero2", "engine.deepspeed_config=/nowhere/ds.json"],
+            "engine.deepspeed_config=/nowhere/ds.json: cannot be read (No such file or directory)",
+        ),
+        (
+            ["engine.deepspeed_config=ds.json"],
+            "engine.deepspeed_config=ds.json: read by engine=deepspeed_zero*",
+        ),
         (["ptx.source=wiki"], "ptx.source='wiki': expected one of ['sft', 'pretrain']"),
     ],
 )
