@@ -90,28 +90,38 @@ def locate(source: Path, artifacts: Path | None = None) -> RunModels:
     return RunModels(checkpoint, cfg, paths["sft"], paths["reward"], (checkpoint / "critic").is_dir())
 
 
-def check_exportable(run: RunModels) -> None:
+ROLES = ("actor", "reward_model", "critic")
+
+
+def check_exportable(run: RunModels, roles: Sequence[str]) -> None:
     """Refuse, before anything is written, a value model the HF class would score differently."""
     pooling = value_metadata(run.reward)["pooling"]
-    if pooling != "last":
+    if "reward_model" in roles and pooling != "last":
         raise ValueError(
             f"{run.reward}: the reward model pools by {pooling!r} (reward.pooling), which "
-            "AutoModelForSequenceClassification cannot reproduce (it reads the last token); not exported"
+            "AutoModelForSequenceClassification cannot reproduce (it reads the last token); not exported "
+            "(--roles actor exports the policy alone)"
         )
-    if run.has_critic:
+    if "critic" in roles and run.has_critic:
         check_targets(run.cfg)  # the run's config builds only the sandbox's own classes
         if instantiate(run.cfg.algorithm).values_per != "token":
             raise ValueError(
                 f"{run.checkpoint / 'critic'}: {run.cfg.algorithm.name} reads the critic's values averaged "
                 "over each sequence, which AutoModelForSequenceClassification cannot reproduce (it reads the "
-                "last token); not exported"
+                "last token); not exported (--roles actor,reward_model leaves the critic out)"
             )
 
 
-def export(source: Path, out: Path, artifacts: Path | None = None) -> dict[str, Path]:
-    """Writes ``out/actor``, ``out/reward_model`` and (where trained) ``out/critic``; returns them."""
+def export(
+    source: Path, out: Path, artifacts: Path | None = None, roles: Sequence[str] = ROLES
+) -> dict[str, Path]:
+    """Writes ``out/actor``, ``out/reward_model`` and (where trained) ``out/critic``, of those in `roles`;
+    returns them."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"--roles: {unknown} are not roles; choose from {list(ROLES)}")
     run = locate(Path(source), artifacts)
-    check_exportable(run)
+    check_exportable(run, roles)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty; export into a new folder")
     model_cfg = run.cfg.model
@@ -119,9 +129,11 @@ def export(source: Path, out: Path, artifacts: Path | None = None) -> dict[str, 
     actor_dir = run.checkpoint / "actor"
     base, adapter = (run.sft, actor_dir) if is_adapter(actor_dir) else (actor_dir, None)
     # every model is built (and each value model checked) before anything is written
-    models = {"actor": (causal_lm(base, adapter, model_cfg), tokenizer)}
-    roles = {"reward_model": run.reward} | ({"critic": run.checkpoint / "critic"} if run.has_critic else {})
-    for role, path in roles.items():
+    models = {"actor": (causal_lm(base, adapter, model_cfg), tokenizer)} if "actor" in roles else {}
+    values = {"reward_model": run.reward} | ({"critic": run.checkpoint / "critic"} if run.has_critic else {})
+    for role, path in values.items():
+        if role not in roles:
+            continue
         models[role] = sequence_classifier(value_model(path, run.sft, model_cfg), tokenizer, str(path))
     written = {}
     for role, (model, role_tokenizer) in models.items():
@@ -138,9 +150,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument(
         "--artifacts", type=Path, help="the run's artifact cache (default: its paths.artifacts)"
     )
+    parser.add_argument(
+        "--roles",
+        default=",".join(ROLES),
+        help="comma-separated, of actor,reward_model,critic (default: all)",
+    )
     args = parser.parse_args(argv)
     try:
-        written = export(args.source, args.out, args.artifacts)
+        written = export(args.source, args.out, args.artifacts, args.roles.split(","))
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
     for role, path in written.items():

@@ -27,7 +27,7 @@ from backbone.models import (
     pad_pairs,
     position_ids,
 )
-from experiments.export import check_exportable, locate, main
+from experiments.export import ROLES, check_exportable, locate, main
 
 # --------------------------------------------------------------------------- one family at a time
 
@@ -170,4 +170,32 @@ def test_a_mean_pooled_reward_model_is_refused(exported, artifacts_dir, tmp_path
     ValueModel.from_causal_lm(run.sft, pooling="mean").save_pretrained(mean_rm)
     run.reward, run.has_critic = mean_rm, False
     with pytest.raises(ValueError, match=rf"{mean_rm}: the reward model pools by 'mean'"):
-        check_exportable(run)
+        check_exportable(run, ROLES)
+    check_exportable(run, ["actor"])  # the policy alone still travels
+
+
+def test_roles_choose_what_is_exported(exported, artifacts_dir, tmp_path):
+    written = main(
+        [
+            str(exported[0]),
+            "--out",
+            str(tmp_path / "out"),
+            "--artifacts",
+            str(artifacts_dir),
+            "--roles",
+            "actor",
+        ]
+    )
+    assert set(written) == {"actor"} and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["actor"]
+    with pytest.raises(SystemExit, match="are not roles"):
+        main(
+            [
+                str(exported[0]),
+                "--out",
+                str(tmp_path / "x"),
+                "--artifacts",
+                str(artifacts_dir),
+                "--roles",
+                "policy",
+            ]
+        )
