@@ -681,7 +681,7 @@ def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
         rewards = save_reward_models(cfg, base, Path(folder))
         for checkpointing in (False, True):
             cfg.model.gradient_checkpointing = checkpointing
-            container = OmegaConf.to_container(cfg, resolve=True)
+            container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             one = in_fresh_process(measure_memory, str(base), None, container)
             for mode, path in rewards.items():
                 measured = in_fresh_process(measure_memory, str(base), str(path), container)

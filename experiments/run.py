@@ -142,7 +142,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         job_type=cfg.algorithm.name,
         name=name,
         tags=tags,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         resume_id=state["wandb_run_id"] if state else None,
     )
     with tracker:
