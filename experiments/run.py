@@ -90,24 +90,27 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | Non
     if checkpoint is None:
         return cfg, None, None
     state = load_state(checkpoint)
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if cfg.resume is None:
-        changes = config_changes(state["config"], OmegaConf.to_container(cfg, resolve=True))
+        changes = config_changes(state["config"], current)
         if changes:
             raise ValueError(
                 f"{run_dir} holds a run with another config ({'; '.join(changes[:5])}). Use a new folder, or "
                 f"resume={run_dir} to continue that run as it was configured."
             )
         return cfg, checkpoint, state
+    # an override may repeat the run's own value (the same command with resume= added); only a value
+    # that differs from the checkpoint's is a change
     overridden = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-    fixed = [key for key in overridden if not is_mutable_on_resume(key)]
-    if fixed:
+    changes = config_changes(state["config"], current, under=overridden)
+    if changes:
         raise ValueError(
-            f"resume={cfg.resume} continues the run as it was configured; {', '.join(fixed)} cannot change "
-            f"(start a new run for that)"
+            f"resume={cfg.resume} continues the run as it was configured; {'; '.join(changes)}: cannot "
+            f"change (start a new run for that)"
         )
-    resumed = OmegaConf.create(state["config"])
-    for key in overridden:
-        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    resumed, current = OmegaConf.create(state["config"]), OmegaConf.create(current)
+    for key in filter(is_mutable_on_resume, overridden):
+        OmegaConf.update(resumed, key, OmegaConf.select(current, key), force_add=True)
     return resumed, checkpoint, state
 
 
