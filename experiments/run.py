@@ -229,8 +229,20 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
     (run_dir / "failure.json").write_text(json.dumps(failure, indent=2))
 
 
+def refuse_preset_outside_multirun() -> None:
+    """A preset of conf/experiment/ is a sweep: its grid is ``hydra.sweeper.params``, which only a
+    multirun reads, so without ``-m`` Hydra would run one job that is none of the preset's."""
+    hydra_cfg = HydraConfig.get()
+    preset = hydra_cfg.runtime.choices.get("experiment")
+    if preset is not None and hydra_cfg.mode == RunMode.RUN:
+        raise ValueError(
+            f"+experiment={preset} is a sweep: add -m (python -m experiments.run -m +experiment={preset})"
+        )
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    refuse_preset_outside_multirun()
     if cfg.engine.name == "deepspeed":
         import deepspeed
 
