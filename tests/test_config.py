@@ -16,8 +16,7 @@ from backbone.kl import ESTIMATORS
 from backbone.models import DTYPES
 from backbone.ptx import PTX_SOURCES
 from backbone.reward import KL_COEF_UNITS, NORMALIZE_MODES
-from backbone.rng import SEED_SCOPES, STAGE_SEEDS
-from backbone.stages import CRITIC_INITS
+from backbone.rng import STAGE_SEEDS
 from backbone.tasks.schemas import SCHEMAS
 
 
@@ -113,12 +112,10 @@ def test_choices_reach_code_as_the_strings_it_compares_with():
         (config.NormalizeMode, NORMALIZE_MODES),
         (config.KLCoefUnits, KL_COEF_UNITS),
         (config.KLEstimator, ESTIMATORS),
-        (config.CriticInit, CRITIC_INITS),
         (config.LoggerMode, tracking.MODES),
         (config.PTXSource, PTX_SOURCES),
         (config.Baseline, BASELINES),
         (config.RRHFMode, rrhf.MODES),
-        (config.SeedScope, SEED_SCOPES),
         (config.PinnedStage, STAGE_SEEDS),
     ],
 )
