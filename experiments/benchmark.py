@@ -815,5 +815,11 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m experiments.benchmark`` and the ``sandbox-bench`` console script: the report's path
+    is printed, and the exit status is 0."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

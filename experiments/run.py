@@ -46,6 +46,9 @@ from backbone.trainer import Preempted, Trainer, planned_iterations
 from backbone.validation import check_run_config, check_targets
 
 log = logging.getLogger("experiments.run")
+# an absolute path: a console script imports this module by name, and Hydra would read a relative
+# config_path as a Python package (pkg://conf), which conf/ is not
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 register_configs()
 
@@ -240,7 +243,7 @@ def refuse_preset_outside_multirun() -> None:
         )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     refuse_preset_outside_multirun()
     if cfg.engine.name == "deepspeed":
@@ -273,6 +276,12 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("--local_rank")]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m experiments.run`` and the ``sandbox-run`` console script (pyproject.toml), whose
+    name Hydra's tab completion is installed for: ``eval "$(sandbox-run -sc install=bash)"``."""
     sys.argv = strip_launcher_args(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()
