@@ -35,7 +35,7 @@ def _choice(name: str, names: str) -> type[Choice]:
     return Choice(name, names, module=__name__)  # importable by name: launchers pickle configs
 
 
-# the code that reads each key keeps its own list (a test holds the two equal)
+# where the code that reads a key keeps its own list of names, tests/test_config.py holds the two equal
 RowSchemaName = _choice("RowSchemaName", "preference hh_rlhf rm_static shp stack_exchange_paired")
 DType = _choice("DType", "float32 bfloat16 float16")
 StageInit = _choice("StageInit", "sft base")
