@@ -35,7 +35,7 @@ COMPLETE = "COMPLETE"
 def _plain(obj: Any) -> Any:
     """Resolved configs, dataclasses and mappings, nested in any way, as plain JSON-able values."""
     if isinstance(obj, DictConfig | ListConfig):
-        return _plain(OmegaConf.to_container(obj, resolve=True))
+        return _plain(OmegaConf.to_container(obj, resolve=True, enum_to_str=True))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return _plain(dataclasses.asdict(obj))
     if isinstance(obj, Mapping):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -103,18 +104,25 @@ def restore_weights(stack: PolicyStack, checkpoint: Path) -> None:
     stack.load_trainable(checkpoint)
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every leaf that differs, outside ``MUTABLE_ON_RESUME``."""
+def config_changes(saved: dict, current: dict, under: Iterable[str] | None = None) -> list[str]:
+    """``key: saved -> current`` for every leaf that differs, outside ``MUTABLE_ON_RESUME`` (and, given
+    ``under``, at or below one of those keys)."""
     old, new = dict(_leaves(saved)), dict(_leaves(current))
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key) and not is_mutable_on_resume(key)
+        if old.get(key) != new.get(key)
+        and not is_mutable_on_resume(key)
+        and (under is None or _is_under(key, under))
     ]
 
 
 def is_mutable_on_resume(key: str) -> bool:
-    return any(key == k or key.startswith(f"{k}.") for k in MUTABLE_ON_RESUME)
+    return _is_under(key, MUTABLE_ON_RESUME)
+
+
+def _is_under(key: str, roots: Iterable[str]) -> bool:
+    return any(key == root or key.startswith(f"{root}.") for root in roots)
 
 
 def _leaves(tree: dict, prefix: str = ""):

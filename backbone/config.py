@@ -1,17 +1,61 @@
 """Structured configs: the schema every Hydra config group is validated against.
 
 Each group's YAML (conf/<group>/<option>.yaml) extends one of the schemas stored here,
-so a wrong type or an unknown key fails at composition time with a message naming it.
-Nodes with a ``_target_`` are built with ``hydra.utils.instantiate``.
+so a wrong type, an unknown key or a value outside a key's set of names (a ``Choice``) fails at
+composition time with a message naming the key (and the names allowed). Nodes with a ``_target_``
+are built with ``hydra.utils.instantiate``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+
+class Choice(str, Enum):
+    """A key's closed set of names. OmegaConf refuses any other value when the config is composed,
+    naming the key and the allowed names. A member is its name and behaves as that string (equality,
+    hashing, printing, JSON), so code compares it with plain strings; ``OmegaConf.to_container(...,
+    enum_to_str=True)`` gives the plain strings a checkpoint or a YAML file stores."""
+
+    @staticmethod
+    def _generate_next_value_(name: str, start: int, count: int, last_values: list) -> str:
+        return name
+
+    __str__ = str.__str__
+    __repr__ = str.__repr__
+    __format__ = str.__format__
+
+
+def _choice(name: str, names: str) -> type[Choice]:
+    return Choice(name, names, module=__name__)  # importable by name: launchers pickle configs
+
+
+# where the code that reads a key keeps its own list of names, tests/test_config.py holds the two equal
+RowSchemaName = _choice("RowSchemaName", "preference hh_rlhf rm_static shp stack_exchange_paired")
+DType = _choice("DType", "float32 bfloat16 float16")
+StageInit = _choice("StageInit", "sft base")
+LogprobsSource = _choice("LogprobsSource", "generate forward")
+Pooling = _choice("Pooling", "last mean")
+NormalizeMode = _choice("NormalizeMode", "none rm_stats running")
+KLEstimator = _choice("KLEstimator", "k1 k2 k3")
+KLCoefUnits = _choice("KLCoefUnits", "reward reward_std")
+Scheduler = _choice("Scheduler", "constant linear cosine")
+CriticInit = _choice("CriticInit", "reward reward_last reward_mean sft")
+PeftMode = _choice("PeftMode", "none lora_multi_adapter")
+EngineName = _choice("EngineName", "torch deepspeed")
+Precision = _choice("Precision", "fp32 bf16 fp16")
+LoggerMode = _choice("LoggerMode", "offline online disabled")
+PTXSource = _choice("PTXSource", "sft pretrain")
+Baseline = _choice("Baseline", "sampled_mean leave_one_out critic critic_coati")
+RRHFMode = _choice("RRHFMode", "online offline")
+SeedScope = _choice("SeedScope", "pipeline rl")
+PinnedStage = _choice("PinnedStage", "task sft reward_model")
+Phase = _choice("Phase", "evaluate tune stages")
 
 # --------------------------------------------------------------------------- task
 
@@ -57,7 +101,7 @@ class PreferenceSourceConfig:
     data_dir: str | None = None
     # how a row reads as (prompt, chosen, rejected), backbone/tasks/schemas.py: preference (the
     # three *_key columns) | hh_rlhf | rm_static | shp | stack_exchange_paired
-    schema: str = "preference"
+    schema: RowSchemaName = RowSchemaName.preference
     train_split: str = "train"
     eval_split: str = "test"
     prompt_key: str = "prompt"
@@ -145,7 +189,7 @@ class ModelConfig:
     dropout: float = 0.0
     # longest prompt + response the stages feed the model
     max_length: int = 64
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     trust_remote_code: bool = False
     # what a preference task wraps every prompt in; "<s>{prompt}" starts LLaMA's prompts with BOS
     # (the code tokenises without special tokens). The tokenizer's pad token is EOS when it has none.
@@ -195,7 +239,7 @@ class RewardModelConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     # start from the SFT model (as DeepSpeed-Chat and trlx do) or from the base model
-    init: str = "sft"
+    init: StageInit = StageInit.sft
 
 
 # --------------------------------------------------------------------------- RL backbone knobs
@@ -214,7 +258,7 @@ class RolloutConfig:
     # where the sampling policy's log-probs come from: generate (the logits generation computed
     # anyway, equal to a forward pass up to float rounding) or forward (a separate pass, the
     # loss's own computation, so the first PPO ratio is exactly 1)
-    logprobs: str = "generate"
+    logprobs: LogprobsSource = LogprobsSource.generate
     # evaluation on held-out prompts: every N iterations (and at iteration 0 and the last)
     eval_every: int = 5
     # evaluation every N samples consumed instead (a multiple of samples_per_iteration), so arms
@@ -229,9 +273,9 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     # where the reward model reads its score: last non-pad token (trlx, DeepSpeed-Chat) or mean over response
-    pooling: str = "last"
+    pooling: Pooling = Pooling.last
     # none | rm_stats (reward model's chosen-score mean/std) | running (running mean/std of RL scores)
-    normalize: str = "rm_stats"
+    normalize: NormalizeMode = NormalizeMode.rm_stats
     # clip the normalised score to [-clip, clip]; null disables
     clip: float | None = 5.0
     # subtracted from the score of a response that ends without EOS; null disables
@@ -241,13 +285,13 @@ class RewardConfig:
 @dataclass
 class KLConfig:
     # per-token estimator used in the reward shaping: k1 | k2 | k3
-    estimator: str = "k1"
+    estimator: KLEstimator = KLEstimator.k1
     # initial (or fixed) coefficient beta
     coef: float = 0.05
     # what coef is measured in: reward (beta as it is, in the units of the shaped reward) or
     # reward_std (a fraction of the reward's spread: beta = coef x the std of a score in the reward's
     # units, so the penalty weighs the same against the reward whatever the normalisation)
-    coef_units: str = "reward"
+    coef_units: KLCoefUnits = KLCoefUnits.reward
     # adaptive controller (Ziegler et al.): set a target KL to enable it
     target: float | None = None
     horizon: int = 10000
@@ -266,7 +310,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # constant | cosine | linear, after warmup_steps of linear warm-up
-    scheduler: str = "constant"
+    scheduler: Scheduler = Scheduler.constant
     warmup_steps: int = 0
     # a step whose loss or gradient is not finite is skipped (weights, optimiser and schedule
     # untouched) and counted; this many in a row stop the run with a checkpoint
@@ -278,20 +322,20 @@ class CriticConfig:
     # where the critic starts: reward, a copy of the run's reward model (the seed's finding); reward_last
     # | reward_mean, a copy of the reward model trained with that pooling (the same stage and seed; the
     # reward itself keeps reward.pooling); sft, the SFT model's body under a fresh head
-    init: str = "reward"
+    init: CriticInit = CriticInit.reward
 
 
 @dataclass
 class PeftConfig:
     # none: separate full models | lora_multi_adapter: one base with LoRA adapters (backbone/lora.py)
-    mode: str = "none"
+    mode: PeftMode = PeftMode.none
 
 
 @dataclass
 class LoraMultiAdapterConfig(PeftConfig):
     """One base model, LoRA adapters actor, critic and reward; the reference is the base, adapters off."""
 
-    mode: str = "lora_multi_adapter"
+    mode: PeftMode = PeftMode.lora_multi_adapter
     # rank and scale (alpha / r) of every adapter
     r: int = 8
     alpha: int = 16
@@ -306,7 +350,7 @@ class LoraMultiAdapterConfig(PeftConfig):
 class EngineConfig:
     # torch: plain PyTorch, one process | deepspeed: actor and critic under one DeepSpeed engine,
     # launched with `deepspeed --num_gpus N --module experiments.run ...` (or torchrun)
-    name: str = "torch"
+    name: EngineName = EngineName.torch
     # cpu | cuda | auto (under a launcher: the rank's own GPU)
     device: str = "auto"
     # intra-op CPU threads per process: auto (the cores this process may use, shared out between the
@@ -319,7 +363,7 @@ class EngineConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     # deepspeed only: fp32 | bf16 | fp16 (fp16 with dynamic loss scaling)
-    precision: str = "fp32"
+    precision: Precision = Precision.fp32
     # deepspeed only: a DeepSpeed JSON file merged over the config built from engine.* and optim.*, its
     # keys winning (objects merged key by key); the batch sizes, optimizer, scheduler and ZeRO stage
     # stay the sandbox's (backbone/engine.py)
@@ -329,7 +373,7 @@ class EngineConfig:
 @dataclass
 class LoggerConfig:
     # offline | online | disabled
-    mode: str = "offline"
+    mode: LoggerMode = LoggerMode.offline
     project: str = "alignment-sandbox"
     entity: str | None = None
     # null: the sweep's name (multirun) or the run's name
@@ -348,7 +392,7 @@ class PTXConfig:
     coef: float = 0.0
     # sft: the task's SFT train split (loss on responses) | pretrain: the task's pretraining corpus, text
     # that is not the RL objective (loss on every token; its held-out loss is logged as eval/pretrain_loss)
-    source: str = "sft"
+    source: PTXSource = PTXSource.sft
     batch_size: int = 16
 
 
@@ -399,7 +443,7 @@ class PPOSampledConfig(AlgorithmConfig):
     samples_per_prompt: int = 4
     # sampled_mean | leave_one_out | critic (V of the prompt) | critic_coati (ColossalAI-Chat's critic:
     # its values averaged over the whole sequence)
-    baseline: str = "sampled_mean"
+    baseline: Baseline = Baseline.sampled_mean
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.5
@@ -422,7 +466,7 @@ class RRHFConfig(AlgorithmConfig):
     sft_weight: float = 1.0
     length_penalty: float = 1.0
     # online: generate a small batch, train on it, repeat; offline: generate for all prompts first
-    mode: str = "online"
+    mode: RRHFMode = RRHFMode.online
     # rank the task's chosen response to each prompt beside the k samples
     include_chosen: bool = False
 
@@ -477,13 +521,13 @@ class RunConfig:
     # pipeline: `seed` also seeds every stage before RL (the task's data draw, SFT init and order,
     # reward-model init and order; their own seed keys are overwritten), so seeds vary the whole
     # pipeline and each builds its own artifacts; rl: `seed` seeds RL only, the stages keep theirs
-    seed_scope: str = "pipeline"
+    seed_scope: SeedScope = SeedScope.pipeline
     # under pipeline, stages that keep their own seed on purpose (task | sft | reward_model)
-    pinned_stages: list[str] = field(default_factory=list)
+    pinned_stages: list[PinnedStage] = field(default_factory=list)
     # evaluate: a run to compare; tune: a tuning-grid job of hydra/sweeper=tuned, which the report
     # reads only to show the grid (its seeds and configs are not the comparison's); stages: that
     # sweeper's job building one seed's SFT and reward model before the RL jobs
-    phase: str = "evaluate"
+    phase: Phase = Phase.evaluate
     # RL iterations (collect -> prepare -> update); 0 stops after the reward model
     iterations: int = 60
     # a sample budget instead of iterations: total_samples / rollout.samples_per_iteration of them

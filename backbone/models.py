@@ -128,11 +128,13 @@ def build_tiny_causal_lm(tokenizer: PreTrainedTokenizerBase, cfg) -> GPT2LMHeadM
     return GPT2LMHeadModel(config)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(dtypes)}")
-    return dtypes[name]
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def with_gradient_checkpointing(model: PreTrainedModel, enabled: bool, context_fn=None) -> PreTrainedModel:

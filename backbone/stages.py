@@ -57,8 +57,6 @@ METRICS_FILE = "metrics.json"
 STAGES_VERSION = 1
 # the reward model's score statistics on chosen responses use at most this many train pairs
 CHOSEN_STATS_MAX = 4096
-# where the critic starts: the run's reward model, a reward model of that pooling, or the SFT model
-CRITIC_INITS = ("reward", "reward_last", "reward_mean", "sft")
 
 
 @dataclass
@@ -474,10 +472,6 @@ def _read_metrics(folder: Path) -> dict:
 def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
     """Build or reuse base, SFT and reward model (and the reward model a critic starts from, when its
     pooling differs); each one's rows go to ``log`` only when it is built."""
-    if cfg.reward_model.init not in ("sft", "base"):
-        raise ValueError(f"reward_model.init={cfg.reward_model.init!r}: expected 'sft' or 'base'")
-    if cfg.critic.init not in CRITIC_INITS:
-        raise ValueError(f"critic.init={cfg.critic.init!r}: expected one of {list(CRITIC_INITS)}")
     root = cfg.paths.artifacts
     base_key = _base_key(cfg)
     base = build_base(cfg, task)

@@ -523,7 +523,7 @@ class Trainer:
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
             "wandb_run_id": self.tracker.run_id,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
 
     def load_state(self, state: dict, checkpoint: Path) -> None:

@@ -693,7 +693,7 @@ def run_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
         rewards = save_reward_models(cfg, base, Path(folder))
         for checkpointing in (False, True):
             cfg.model.gradient_checkpointing = checkpointing
-            container = OmegaConf.to_container(cfg, resolve=True)
+            container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
             one = in_fresh_process(measure_memory, str(base), None, container)
             for mode, path in rewards.items():
                 measured = in_fresh_process(measure_memory, str(base), str(path), container)
@@ -918,5 +918,11 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m experiments.benchmark`` and the ``sandbox-bench`` console script: the report's path
+    is printed, and the exit status is 0."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -48,6 +48,9 @@ from backbone.trainer import Preempted, Trainer, planned_iterations
 from backbone.validation import check_run_config, check_targets
 
 log = logging.getLogger("experiments.run")
+# an absolute path: a console script imports this module by name, and Hydra would read a relative
+# config_path as a Python package (pkg://conf), which conf/ is not
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 register_configs()
 
@@ -92,24 +95,27 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | Non
     if checkpoint is None:
         return cfg, None, None
     state = load_state(checkpoint)
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if cfg.resume is None:
-        changes = config_changes(state["config"], OmegaConf.to_container(cfg, resolve=True))
+        changes = config_changes(state["config"], current)
         if changes:
             raise ValueError(
                 f"{run_dir} holds a run with another config ({'; '.join(changes[:5])}). Use a new folder, or "
                 f"resume={run_dir} to continue that run as it was configured."
             )
         return cfg, checkpoint, state
+    # an override may repeat the run's own value (the same command with resume= added); only a value
+    # that differs from the checkpoint's is a change
     overridden = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-    fixed = [key for key in overridden if not is_mutable_on_resume(key)]
-    if fixed:
+    changes = config_changes(state["config"], current, under=overridden)
+    if changes:
         raise ValueError(
-            f"resume={cfg.resume} continues the run as it was configured; {', '.join(fixed)} cannot change "
-            f"(start a new run for that)"
+            f"resume={cfg.resume} continues the run as it was configured; {'; '.join(changes)}: cannot "
+            f"change (start a new run for that)"
         )
-    resumed = OmegaConf.create(state["config"])
-    for key in overridden:
-        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    resumed, current = OmegaConf.create(state["config"]), OmegaConf.create(current)
+    for key in filter(is_mutable_on_resume, overridden):
+        OmegaConf.update(resumed, key, OmegaConf.select(current, key), force_add=True)
     return resumed, checkpoint, state
 
 
@@ -152,7 +158,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         job_type=cfg.algorithm.name,
         name=name,
         tags=tags,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         resume_id=state["wandb_run_id"] if state else None,
     )
     with tracker:
@@ -241,8 +247,20 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
     (run_dir / "failure.json").write_text(json.dumps(failure, indent=2))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def refuse_preset_outside_multirun() -> None:
+    """A preset of conf/experiment/ is a sweep: its grid is ``hydra.sweeper.params``, which only a
+    multirun reads, so without ``-m`` Hydra would run one job that is none of the preset's."""
+    hydra_cfg = HydraConfig.get()
+    preset = hydra_cfg.runtime.choices.get("experiment")
+    if preset is not None and hydra_cfg.mode == RunMode.RUN:
+        raise ValueError(
+            f"+experiment={preset} is a sweep: add -m (python -m experiments.run -m +experiment={preset})"
+        )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    refuse_preset_outside_multirun()
     if cfg.engine.name == "deepspeed":
         import deepspeed
 
@@ -273,6 +291,12 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("--local_rank")]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m experiments.run`` and the ``sandbox-run`` console script (pyproject.toml), whose
+    name Hydra's tab completion is installed for: ``eval "$(sandbox-run -sc install=bash)"``."""
     sys.argv = strip_launcher_args(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,5 +1,6 @@
 """The Hydra config: every option composes, and bad input fails at start-up naming the key."""
 
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,16 @@ import pytest
 from conftest import CONF, REPO, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+
+from algorithms import rrhf
+from algorithms.ppo_sampled import BASELINES
+from backbone import config, tracking
+from backbone.kl import ESTIMATORS
+from backbone.models import DTYPES
+from backbone.ptx import PTX_SOURCES
+from backbone.reward import KL_COEF_UNITS, NORMALIZE_MODES
+from backbone.rng import STAGE_SEEDS
+from backbone.tasks.schemas import SCHEMAS
 
 
 def options(group: str) -> list[str]:
@@ -64,3 +75,64 @@ def test_entry_point_reports_the_bad_key_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "algorithm.cliprange" in result.stderr
     assert not (tmp_path / "history.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("reward.normalize=bogus", "reward.normalize", "[none, rm_stats, running]"),
+        ("critic.init=reward_max", "critic.init", "[reward, reward_last, reward_mean, sft]"),
+        ("kl.estimator=k4", "kl.estimator", "[k1, k2, k3]"),
+        ("engine.precision=fp8", "engine.precision", "[fp32, bf16, fp16]"),
+        ("ptx.source=wiki", "ptx.source", "[sft, pretrain]"),
+        ("algorithm=rrhf algorithm.mode=batch", "algorithm.mode", "[online, offline]"),
+        ("pinned_stages=[task,rl]", "pinned_stages[1]", "[task, sft, reward_model]"),
+    ],
+)
+def test_a_value_outside_a_keys_choices_fails_at_composition(override, key, allowed):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(override.split())
+    message = str(error.value.__cause__)
+    assert f"full_key: {key}" in message and f"expected one of {allowed}" in message
+
+
+def test_choices_reach_code_as_the_strings_it_compares_with():
+    cfg = compose_config(["reward.normalize=none", "pinned_stages=[sft]", "algorithm=ppo_sampled"])
+    assert cfg.reward.normalize == "none" and {"none": 1}[cfg.reward.normalize] == 1
+    assert f"{cfg.algorithm.baseline}" == "sampled_mean" and repr(cfg.pinned_stages[0]) == "'sft'"
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert type(plain["reward"]["normalize"]) is str and plain["pinned_stages"] == ["sft"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "names"),
+    [
+        (config.RowSchemaName, ["preference", *SCHEMAS]),
+        (config.DType, DTYPES),
+        (config.NormalizeMode, NORMALIZE_MODES),
+        (config.KLCoefUnits, KL_COEF_UNITS),
+        (config.KLEstimator, ESTIMATORS),
+        (config.LoggerMode, tracking.MODES),
+        (config.PTXSource, PTX_SOURCES),
+        (config.Baseline, BASELINES),
+        (config.RRHFMode, rrhf.MODES),
+        (config.PinnedStage, STAGE_SEEDS),
+    ],
+)
+def test_a_schemas_choices_are_the_names_its_code_knows(choice, names):
+    assert sorted(choice.__members__) == sorted(names)
+
+
+def test_a_bad_choice_on_the_command_line_leaves_no_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "reward.normalize=bogus", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "expected one of [none, rm_stats, running]\n    full_key: reward.normalize" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder, no outputs/

@@ -158,7 +158,7 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
             "hydra/launcher=local_parallel",
             *SMALL,
             "algorithm=ppo_sampled",
-            "algorithm.baseline=sampled_mean,no_such_baseline",
+            "rollout.min_new_tokens=0,99",  # job 1 fails at start-up (a bad choice fails the whole sweep)
             "iterations=1",
             "logger.mode=disabled",
             f"paths.artifacts={tmp_path / 'artifacts'}",
@@ -174,5 +174,20 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
     assert good["iterations"] == 1  # ... after the good job ran to the end
     assert good["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)  # its share: 2 jobs at once
     failure = json.loads((sweep / "1" / "failure.json").read_text())
-    assert "no_such_baseline" in failure["error"] and "Traceback" in failure["traceback"]
-    assert "algorithm.baseline=no_such_baseline" in failure["overrides"]
+    assert "rollout.min_new_tokens=99 >" in failure["error"] and "Traceback" in failure["traceback"]
+    assert "rollout.min_new_tokens=99" in failure["overrides"]
+
+
+def test_a_preset_without_multirun_is_refused_saying_to_add_m(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["+experiment=kl_penalty", f"paths.artifacts={tmp_path / 'artifacts'}", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "+experiment=kl_penalty is a sweep: add -m" in result.stderr
+    assert not (tmp_path / "artifacts").exists() and not (run_dir / "history.jsonl").exists()

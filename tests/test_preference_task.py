@@ -3,6 +3,7 @@ missing splits and columns fail with useful messages, unusable rows are skipped 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -166,3 +167,27 @@ def test_built_from_the_hydra_config(tmp_path):
     task = instantiate(cfg)
     assert task.rl_prompts() == ["question 0 :"]
     assert sorted(task.eval_prompts()) == ["question 1 :", "question 2 :"]
+
+
+def test_a_line_that_is_not_json_names_the_file_and_line(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        json.dumps(pair(0)) + "\n" + '{"prompt": "p :", chosen: "a ."}\n' + json.dumps(pair(2)) + "\n"
+    )
+    files = {"train": str(train), "test": write_jsonl(tmp_path / "test.jsonl", [pair(9)])}
+    with pytest.raises(ValueError, match=rf"{train}, line 2, column 19: Expecting property name"):
+        PreferenceDatasetTask(path="json", data_files=files)
+
+
+def test_a_json_array_that_does_not_parse_names_its_line(tmp_path):
+    (tmp_path / "train.json").write_text(f"[{json.dumps(pair(0))},\n{{'prompt': 1}}]\n")
+    files = {"train": str(tmp_path / "train.json"), "test": write_jsonl(tmp_path / "test.jsonl", [pair(9)])}
+    with pytest.raises(ValueError, match=r"train.json, line 2, column 2: Expecting property name"):
+        PreferenceDatasetTask(path="json", data_files=files)
+
+
+def test_a_csv_that_does_not_parse_names_the_file_and_the_parser_reason(tmp_path):
+    (tmp_path / "train.csv").write_text('prompt,chosen,rejected\np,a,b\n"p,a\n')
+    files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "train.csv")}
+    with pytest.raises(ValueError, match=r"train.csv: ParserError: .*EOF inside string"):
+        PreferenceDatasetTask(path="csv", data_files=files)

@@ -181,14 +181,19 @@ def test_a_finished_run_resumes_as_configured_and_refuses_other_configs(tmp_path
     # resume=<folder> alone: the checkpoint's own config; reporting may change, the run may not
     run_entry([f"resume={run_dir}", "logger.mode=disabled"], cwd=tmp_path)
     assert read_history(run_dir) == before  # nothing left to do, nothing written twice
+    # the command that started it, with resume= added: its overrides repeat the run's own values
+    run_entry([*run_args(artifacts_dir, run_dir), f"resume={run_dir}"], cwd=tmp_path)
+    assert read_history(run_dir) == before
     refused = subprocess.run(
-        [sys.executable, "-m", "experiments.run", f"resume={run_dir}", "seed=1"],
+        [sys.executable, "-m", "experiments.run", f"resume={run_dir}", f"iterations={ITERATIONS}", "seed=1"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert refused.returncode != 0
-    assert f"resume={run_dir} continues the run as it was configured; seed cannot change" in refused.stderr
+    assert f"resume={run_dir} continues the run as it was configured; seed: 0 -> 1: cannot change" in (
+        refused.stderr
+    )
     # the same folder with another config is not silently continued
     args = run_args(artifacts_dir, run_dir, "algorithm.lr=0.001")
     refused = subprocess.run(

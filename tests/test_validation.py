@@ -42,22 +42,14 @@ def test_the_default_configs_pass():
             ["algorithm=ppo_sampled", "critic.init=reward_mean"],
             "critic.init='reward_mean': ppo_sampled trains",
         ),
-        (
-            ["critic.init=reward_max"],
-            "critic.init='reward_max': expected one of ['reward', 'reward_last', 'reward_mean', 'sft']",
-        ),
         (["algorithm=ppo_sampled", "algorithm.vf_coef=1.0"], "algorithm.vf_coef=1.0: ppo_sampled trains no"),
         (["algorithm=ppo_sampled", "rollout.samples_per_iteration=30"], "not a multiple of algorithm.samp"),
-        (["kl.estimator=k4"], "kl.estimator='k4': expected one of ['k1', 'k2', 'k3']"),
-        (["reward.pooling=max"], "reward.pooling='max'"),
-        (["peft.mode=lora"], "peft.mode='lora'"),
         (["peft=lora_multi_adapter", "reward_model.init=base"], "reward_model.init='base': under peft=lora"),
         (["peft=lora_multi_adapter", "model.lora_target_modules=[]"], "peft.target_modules is empty"),
         (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),
         (["engine=deepspeed_zero3", "ema.enabled=true"], "ema.enabled with ZeRO-3: the EMA keeps whole"),
         (["engine=deepspeed_zero1", "engine.zero_stage=0"], "DeepSpeed runs at ZeRO stage 1, 2 or 3"),
         (["engine=deepspeed_zero2", "engine.offload_param=true"], "offloaded at ZeRO stage 3 only"),
-        (["engine=deepspeed_zero2", "engine.precision=fp8"], "engine.precision='fp8'"),
         (
             ["engine=deepspeed_zero2", "engine.deepspeed_config=/nowhere/ds.json"],
             "engine.deepspeed_config=/nowhere/ds.json: cannot be read (No such file or directory)",
@@ -66,7 +58,6 @@ def test_the_default_configs_pass():
             ["engine.deepspeed_config=ds.json"],
             "engine.deepspeed_config=ds.json: read by engine=deepspeed_zero*",
         ),
-        (["ptx.source=wiki"], "ptx.source='wiki': expected one of ['sft', 'pretrain']"),
     ],
 )
 def test_each_impossible_combination_is_named(overrides, message):
@@ -74,7 +65,7 @@ def test_each_impossible_combination_is_named(overrides, message):
 
 
 def test_every_problem_is_in_one_message():
-    text = problems(["rollout.min_new_tokens=30", "kl.estimator=k4", "algorithm.minibatch_size=65"])
+    text = problems(["rollout.min_new_tokens=30", "checkpoint_every=0", "algorithm.minibatch_size=65"])
     assert text.count("\n  - ") == 3
 
 

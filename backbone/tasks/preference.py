@@ -27,13 +27,16 @@ document per row in a ``text`` column (wikitext, say), loaded the same way (``ta
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from backbone.tasks.base import SPLITS, Task, check_split
@@ -182,8 +185,18 @@ def _load_checked(
     source: str,
 ) -> datasets.DatasetDict:
     """``datasets.load_dataset``, failing with a message that names the dataset (``source``) when one
-    of ``splits``, or one of the ``columns`` (read by ``read_by``) in them, is not there."""
-    loaded = datasets.load_dataset(path, config_name, data_files=data_files, data_dir=data_dir)
+    of ``splits``, or one of the ``columns`` (read by ``read_by``) in them, is not there, or when a
+    file does not parse."""
+    try:
+        loaded = datasets.load_dataset(path, config_name, data_files=data_files, data_dir=data_dir)
+    except (DatasetGenerationError, pa.ArrowException) as error:
+        # datasets says only that generation failed (or the parser's words, with no file)
+        builder = datasets.load_dataset_builder(path, config_name, data_files=data_files, data_dir=data_dir)
+        files = [file for split in (builder.config.data_files or {}).values() for file in split]
+        culprit = next(filter(None, map(_json_error, files)), None) if builder.name == "json" else None
+        cause = error.__cause__ or error
+        reason = culprit or f"{', '.join(files)}: {type(cause).__name__}: {cause}"
+        raise ValueError(f"{source} does not load: {reason}") from error
     for split in splits:
         if split not in loaded:
             raise ValueError(f"split {split!r} not found in {source}; available splits: {list(loaded)}")
@@ -195,6 +208,28 @@ def _load_checked(
                     f"available columns: {present}"
                 )
     return loaded
+
+
+def _json_error(file: str) -> str | None:
+    """Where a local JSON (one array) or JSON Lines file stops parsing, as "<file>, line N: reason"."""
+    if not file.endswith((".json", ".jsonl")) or not Path(file).is_file():
+        return None  # compressed, or on the hub: datasets' own words must do
+    # bytes that are not UTF-8 do not stop datasets (their rows are skipped later), so not here either
+    text = Path(file).read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None  # one JSON document
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
+            return f"{file}, line {error.lineno}, column {error.colno}: {error.msg}"
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as error:
+            return f"{file}, line {number}, column {error.colno}: {error.msg}: {line[:80]!r}"
+        if not isinstance(row, dict):
+            return f"{file}, line {number}: a JSON {type(row).__name__}, not an object: {line[:80]!r}"
+    return None
 
 
 NOT_UTF8 = object()  # a string column's value whose bytes do not decode

@@ -317,7 +317,7 @@ def write_tuned_option(
     sweep_dir: Path, arm: str, algorithm: DictConfig, tuning: dict, seeds: list[int]
 ) -> Path:
     """``<sweep>/conf/algorithm/tuned_<arm>.yaml``: the picked cell's whole algorithm config."""
-    node = OmegaConf.to_container(algorithm, resolve=True)
+    node = OmegaConf.to_container(algorithm, resolve=True, enum_to_str=True)
     schema = f"{node['name']}_schema"
     path = sweep_dir / "conf" / "algorithm" / f"tuned_{arm}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
