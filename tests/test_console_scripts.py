@@ -42,7 +42,7 @@ def test_the_four_entry_points_are_declared():
     [
         ("sandbox-run", "Powered by Hydra"),
         ("sandbox-report", "--wandb ENTITY/PROJECT"),
-        ("sandbox-bench", "{iteration,sft,memory}"),
+        ("sandbox-bench", "{iteration,sft,memory,sweep}"),
         ("sandbox-catalogue", "--dry-run"),
     ],
 )
