@@ -29,9 +29,9 @@ from analysis.compare import Verdict
 from analysis.frontier import frontier_figure, gold_at_kl_table
 from analysis.plots import make_figures
 from analysis.records import Records, load_local, load_wandb, series
-from analysis.stats import CI, final_value, gain, mean_ci
+from analysis.stats import CI, gain, last_tenth_mean, mean_ci
 
-FINAL_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
+LAST_TENTH_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
 
 
 def _cell(value: Any) -> str:
@@ -47,15 +47,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
-    """One row per series of ok runs: counts, samples, final eval values and reward gain with 95% CIs."""
+    """One row per series of ok runs: counts, samples, last-10% means of eval values and reward gain with
+    95% CIs."""
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
     by_id = runs.set_index(runs["run"].astype(str))
-    headers = ["series", "runs", "seeds", "samples", *(f"final {m}" for m in FINAL_METRICS)]
+    headers = ["series", "runs", "seeds", "samples", *(f"last-10% mean {m}" for m in LAST_TENTH_METRICS)]
     headers += ["gain eval/reward_mean", "wall time (s)"]
     rows = []
     for label, run_ids in series(runs).items():
         here = [histories[r] for r in run_ids if r in histories]
-        finals = [mean_ci(final_value(h, m) for h in here) for m in FINAL_METRICS]
+        late = [mean_ci(last_tenth_mean(h, m) for h in here) for m in LAST_TENTH_METRICS]
         wall = by_id.loc[run_ids, "wall_time_s"] if "wall_time_s" in by_id.columns else pd.Series(dtype=float)
         rows.append(
             [
@@ -63,7 +64,7 @@ def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
                 len(run_ids),
                 by_id.loc[run_ids, "seed"].nunique(),
                 f"{max((h['samples'].max() for h in here), default=0):.0f}",
-                *finals,
+                *late,
                 mean_ci(gain(h, "eval/reward_mean") for h in here),
                 f"{wall.mean():.0f}",
             ]
@@ -100,8 +101,9 @@ def build_report(records: Records, out: Path) -> str:
     if tuning or ok["algorithm"].nunique() > 1:
         sections.append(
             "## Arms\n\nEach algorithm as it ran: at the config its tuning picked (grid below) when the "
-            "sweep was tuned, on evaluation seeds apart from the tuning seeds. Gains are final minus "
-            "iteration 0 (± = 95% interval over seeds, its method named); the budget columns are means "
+            "sweep was tuned, on evaluation seeds apart from the tuning seeds. Gains are the last-10% "
+            "mean (over each run's last 10% of iterations) minus iteration 0; final KL is the last "
+            "evaluation's (± = 95% interval over seeds, its method named); the budget columns are means "
             "per run.\n\n" + markdown_table(*arms_table(ok, ok_history, tuning))
         )
     if tuning:
@@ -118,8 +120,9 @@ def build_report(records: Records, out: Path) -> str:
             "2022).\n\n" + markdown_table(*gold_at_kl_table(ok, ok_history, records.best_of_n))
         )
     sections.append(
-        "## Runs by series\n\nFinal = mean over each run's last 10% of iterations; ± = 95% t interval "
-        "over seeds.\n\n" + series_table(ok, ok_history)
+        "## Runs by series\n\nLast-10% mean = mean over each run's last 10% of iterations (final, in the "
+        "run records, is the last evaluation); ± = 95% t interval over seeds.\n\n"
+        + series_table(ok, ok_history)
     )
     if len(ok) < len(runs):
         sections.append("## Failed or incomplete runs\n\n" + failures_table(runs))
