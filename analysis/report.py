@@ -19,7 +19,7 @@ import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -89,8 +89,16 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
     return markdown_table(["id", "claim", "verdict", "numbers", "seeds", "source", "note"], rows)
 
 
-def build_report(records: Records, out: Path) -> str:
-    """Write the figures and `out/report.md`; return the report's tables as text."""
+class Report(NamedTuple):
+    """What `build_report` wrote: report.md's path, its tables as text, and every row's verdict."""
+
+    path: Path
+    text: str
+    verdicts: list[Verdict]
+
+
+def build_report(records: Records, out: Path) -> Report:
+    """Write the figures and `out/report.md`."""
     # a tuning grid's runs choose the arms; only the evaluation runs are compared
     runs = of_phase(records.runs)
     ok = runs[runs["status"] == "ok"]
@@ -150,8 +158,9 @@ def build_report(records: Records, out: Path) -> str:
     ]
     text = "\n\n".join(sections)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text("\n\n".join(header) + "\n\n" + text + "\n")
-    return text
+    path = out / "report.md"
+    path.write_text("\n\n".join(header) + "\n\n" + text + "\n")
+    return Report(path, text, verdicts)
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -187,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no run records found in {records.source}", file=sys.stderr)
         return 2
     out = args.out or _default_out(args)
-    print(build_report(records, out))
-    print(f"\nreport: {out / 'report.md'}")
+    report = build_report(records, out)
+    print(report.text)
+    print(f"\nreport: {report.path}")
     return 0
 
 

@@ -151,7 +151,7 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     """seed=0,1 under seed_scope=pipeline builds every stage once per seed; under rl they share one."""
     artifacts = tmp_path / "artifacts"
     sweep = tmp_path / "sweep"
-    run_entry(
+    result = run_entry(
         [
             "-m",
             *SMALL,
@@ -166,6 +166,8 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     summaries = [
         read_summary(sweep / str(i)) for i in range(4)
     ]  # (pipeline, 0), (pipeline, 1), (rl, 0), (rl, 1)
+    # the end-of-sweep report, once, after the basic launcher's last job
+    assert result.stdout.count(f"sweep report: {sweep / 'report' / 'report.md'}") == 1
     assert {s["group"] for s in summaries} == {f"{sweep.parent.name}_{sweep.name}"}
     assert [s["seed"] for s in summaries] == [0, 1, 0, 1]
     assert len({s["run_id"] for s in summaries}) == 4
