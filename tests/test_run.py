@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -48,13 +50,13 @@ def rl_rows(rows: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single_result(tmp_path_factory, artifacts_dir) -> tuple[Path, str]:
-    """The default job, small: its folder and what it printed."""
+def single_result(tmp_path_factory, artifacts_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default job, small (stdout and stderr redirected, as in a cluster job): its folder and output."""
     run_dir = tmp_path_factory.mktemp("single")
     args = [*SMALL, "iterations=3", f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"]
     result = run_entry(args, cwd=run_dir)
     assert f"run record: {run_dir}" in result.stdout
-    return run_dir, result.stdout
+    return run_dir, result
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_summary_and_run_record(single_run):
 
 def test_the_end_of_run_table_reads_the_run_record(single_result):
     """Printed at the end, in run.log and in the W&B summary: the record's numbers, final = last eval."""
-    run_dir, stdout = single_result
+    run_dir, result = single_result
     summary = read_summary(run_dir)
     sft, rm = summary["sft"], summary["reward_model"]
     expected = {
@@ -131,7 +133,7 @@ def test_the_end_of_run_table_reads_the_run_record(single_result):
     # the last evaluation is the last history row with one
     last_eval = [r for r in read_history(run_dir) if "eval/gold_mean" in r][-1]
     assert summary["final/eval/gold_mean"] == last_eval["eval/gold_mean"]
-    for text in (stdout, (run_dir / "run.log").read_text()):
+    for text in (result.stdout, (run_dir / "run.log").read_text()):
         table = end_of_run_table(text)
         assert table.keys() >= expected.keys()
         for measure, values in expected.items():
@@ -145,6 +147,17 @@ def test_the_end_of_run_table_reads_the_run_record(single_result):
     finals = {f"{row[0]}: {row[1]}": row[3] for row in sent["data"]}
     assert finals["RL: gold (eval/gold_mean)"] == summary["final/eval/gold_mean"]
     assert finals["reward model: held-out accuracy"] == rm["rm/eval_accuracy"]
+
+
+def test_progress_bars_stay_quiet_in_a_redirected_log(single_result):
+    """Off a terminal each stage's bar is drawn a few times (start, end, once a minute), not per step."""
+    run_dir, result = single_result
+    rows = read_history(run_dir)
+    # a stage read from the session's artifact cache (another test built it) draws no bar
+    built = [stage for stage in ("sft", "rm") if any(f"{stage}/step" in row for row in rows)]
+    for desc in (*built, "ppo_gae"):
+        draws = [line for line in re.split(r"[\r\n]", result.stderr) if line.startswith(f"{desc}:")]
+        assert 1 <= len(draws) <= 5, (desc, draws)
 
 
 def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
