@@ -74,7 +74,9 @@ def summary_rows(run_dir: str | Path) -> list[Row]:
 def _cell(value: float | str | None) -> str:
     if value is None:
         return ""
-    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+    if isinstance(value, (int, float)):
+        return f"{round(value, 3) + 0.0:.3f}"  # + 0.0: a tiny negative reads 0.000, not -0.000
+    return str(value)
 
 
 def format_table(rows: Sequence[Row]) -> str:
