@@ -6,7 +6,8 @@
 
 SFT and reward-model artifacts are cached under ``paths.artifacts``, so every job of a
 sweep shares them. The run record (``history.jsonl``, ``summary.json``, ``checkpoints/``)
-lands in the job's Hydra output folder.
+lands in the job's Hydra output folder; a table of its headline numbers ends the job's log
+(analysis.run_summary), and a sweep ends with its report (experiments.sweep_report).
 """
 
 from __future__ import annotations
