@@ -3,5 +3,5 @@ test the claims of the ablation catalogue. Reads files only: no torch, no model.
 
 records (runs and history frames) -> stats (per-run measures, seed intervals) -> compare (selection and
 per-seed effects) -> claims (the catalogue's claims, each with its verdict rule) and plots -> report (the
-CLI).
+CLI). run_summary: one run's end-of-run table, from its summary.json.
 """

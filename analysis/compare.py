@@ -10,7 +10,7 @@ The machinery every catalogue row (analysis.claims) shares:
    nothing else swept (a repeated job, or, where a row compares algorithms, algorithm hyperparameters)
    are averaged (a cell with a censored run is censored), and the note says so.
 2. Equal samples: every run of a group is cut at the smallest number of generated samples any of them
-   reached before any measure is taken ("final", "gain" and "samples-to-half-gain" as defined in
+   reached before any measure is taken ("last-10% mean", "gain" and "samples-to-half-gain" as defined in
    analysis.stats; a half gain never reached is censored, +inf).
 3. Per seed, then across seeds: a rule is written in terms of `Effect`s, numbers computed per seed
    (paired across knob values: only seeds present for every compared value count) whose sign says
@@ -69,9 +69,9 @@ from analysis.stats import (
     Censored,
     censored_summary,
     curve,
-    final_value,
     gain,
     initial_value,
+    last_tenth_mean,
     max_value,
     samples_to_half_gain,
 )
@@ -540,8 +540,8 @@ def judge(groups: list[Group], rule: Callable[[Group], Finding | None], missing:
     )
 
 
-def final_of(metric: str) -> Callable[[pd.DataFrame], float]:
-    return partial(final_value, metric=metric)
+def last_tenth_of(metric: str) -> Callable[[pd.DataFrame], float]:
+    return partial(last_tenth_mean, metric=metric)
 
 
 def gain_of(metric: str) -> Callable[[pd.DataFrame], float]:

@@ -7,7 +7,7 @@ over seeds, the band its 95% interval (no band for a single seed).
 
 - reward vs samples and KL vs samples: `eval/reward_mean`, `eval/kl_mean` against samples;
 - reward vs KL (the frontier) and proxy vs gold: one metric against another, the mean path of each
-  series from its start (the SFT policy, a circle) plus each run's final point (crosses);
+  series from its start (the SFT policy, a circle) plus each run's last-10% mean (crosses);
   proxy vs gold only when the runs log `eval/gold_mean`.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.records import series
-from analysis.stats import band, curve, final_value, samples_grid
+from analysis.stats import band, curve, last_tenth_mean, samples_grid
 
 SAMPLES_LABEL = "samples generated"
 AXIS_LABELS = {
@@ -77,7 +77,7 @@ def metric_vs_samples(runs: pd.DataFrame, history: pd.DataFrame, metric: str, pa
 def metric_vs_metric(
     runs: pd.DataFrame, history: pd.DataFrame, x_metric: str, y_metric: str, path: Path, title: str
 ) -> Path:
-    """One mean path per series through (x, y) over generated samples, and every run's final point."""
+    """One mean path per series through (x, y) over generated samples, and every run's last-10% mean."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, histories in _series_histories(runs, history):
         grid = samples_grid(histories)
@@ -85,10 +85,10 @@ def metric_vs_metric(
         (line,) = ax.plot(x_mean, y_mean, label=label)
         color = line.get_color()
         ax.plot(x_mean[:1], y_mean[:1], "o", color=color)
-        finals = [(final_value(h, x_metric), final_value(h, y_metric)) for h in histories]
+        finals = [(last_tenth_mean(h, x_metric), last_tenth_mean(h, y_metric)) for h in histories]
         ax.plot(*zip(*finals), "x", color=color, markersize=8)
     ax.set(
-        title=f"{title}\nline: mean path over seeds from the SFT start (o); x: each run's final value",
+        title=f"{title}\nline: mean path over seeds from the SFT start (o); x: each run's last-10% mean",
         xlabel=AXIS_LABELS.get(x_metric, x_metric),
         ylabel=AXIS_LABELS.get(y_metric, y_metric),
     )

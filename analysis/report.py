@@ -19,7 +19,7 @@ import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -29,9 +29,9 @@ from analysis.compare import Verdict
 from analysis.frontier import frontier_figure, gold_at_kl_table
 from analysis.plots import make_figures
 from analysis.records import Records, load_local, load_wandb, series
-from analysis.stats import CI, final_value, gain, mean_ci
+from analysis.stats import CI, gain, last_tenth_mean, mean_ci
 
-FINAL_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
+LAST_TENTH_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
 
 
 def _cell(value: Any) -> str:
@@ -47,15 +47,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
-    """One row per series of ok runs: counts, samples, final eval values and reward gain with 95% CIs."""
+    """One row per series of ok runs: counts, samples, last-10% means of eval values and reward gain with
+    95% CIs."""
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
     by_id = runs.set_index(runs["run"].astype(str))
-    headers = ["series", "runs", "seeds", "samples", *(f"final {m}" for m in FINAL_METRICS)]
+    headers = ["series", "runs", "seeds", "samples", *(f"last-10% mean {m}" for m in LAST_TENTH_METRICS)]
     headers += ["gain eval/reward_mean", "wall time (s)"]
     rows = []
     for label, run_ids in series(runs).items():
         here = [histories[r] for r in run_ids if r in histories]
-        finals = [mean_ci(final_value(h, m) for h in here) for m in FINAL_METRICS]
+        late = [mean_ci(last_tenth_mean(h, m) for h in here) for m in LAST_TENTH_METRICS]
         wall = by_id.loc[run_ids, "wall_time_s"] if "wall_time_s" in by_id.columns else pd.Series(dtype=float)
         rows.append(
             [
@@ -63,7 +64,7 @@ def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
                 len(run_ids),
                 by_id.loc[run_ids, "seed"].nunique(),
                 f"{max((h['samples'].max() for h in here), default=0):.0f}",
-                *finals,
+                *late,
                 mean_ci(gain(h, "eval/reward_mean") for h in here),
                 f"{wall.mean():.0f}",
             ]
@@ -88,8 +89,16 @@ def verdict_table(verdicts: Sequence[Verdict]) -> str:
     return markdown_table(["id", "claim", "verdict", "numbers", "seeds", "source", "note"], rows)
 
 
-def build_report(records: Records, out: Path) -> str:
-    """Write the figures and `out/report.md`; return the report's tables as text."""
+class Report(NamedTuple):
+    """What `build_report` wrote: report.md's path, its tables as text, and every row's verdict."""
+
+    path: Path
+    text: str
+    verdicts: list[Verdict]
+
+
+def build_report(records: Records, out: Path) -> Report:
+    """Write the figures and `out/report.md`."""
     # a tuning grid's runs choose the arms; only the evaluation runs are compared
     runs = of_phase(records.runs)
     ok = runs[runs["status"] == "ok"]
@@ -102,8 +111,9 @@ def build_report(records: Records, out: Path) -> str:
             "## Arms\n\nEach algorithm as it ran: at the config its tuning picked (grid below) when the "
             "sweep was tuned, on evaluation seeds apart from the tuning seeds; 'grid edge' names the knobs "
             "picked at the lowest or highest value tried, where the arm's best may lie beyond its grid "
-            "(`hydra.sweeper.extend_edges=1` tunes one step further). Gains are final minus "
-            "iteration 0 (± = 95% interval over seeds, its method named); the budget columns are means "
+            "(`hydra.sweeper.extend_edges=1` tunes one step further). Gains are the last-10% "
+            "mean (over each run's last 10% of iterations) minus iteration 0; final KL is the last "
+            "evaluation's (± = 95% interval over seeds, its method named); the budget columns are means "
             "per run.\n\n" + markdown_table(*arms_table(ok, ok_history, tuning))
         )
     if tuning:
@@ -120,8 +130,9 @@ def build_report(records: Records, out: Path) -> str:
             "2022).\n\n" + markdown_table(*gold_at_kl_table(ok, ok_history, records.best_of_n))
         )
     sections.append(
-        "## Runs by series\n\nFinal = mean over each run's last 10% of iterations; ± = 95% t interval "
-        "over seeds.\n\n" + series_table(ok, ok_history)
+        "## Runs by series\n\nLast-10% mean = mean over each run's last 10% of iterations (final, in the "
+        "run records, is the last evaluation); ± = 95% t interval over seeds.\n\n"
+        + series_table(ok, ok_history)
     )
     if len(ok) < len(runs):
         sections.append("## Failed or incomplete runs\n\n" + failures_table(runs))
@@ -149,8 +160,9 @@ def build_report(records: Records, out: Path) -> str:
     ]
     text = "\n\n".join(sections)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text("\n\n".join(header) + "\n\n" + text + "\n")
-    return text
+    path = out / "report.md"
+    path.write_text("\n\n".join(header) + "\n\n" + text + "\n")
+    return Report(path, text, verdicts)
 
 
 def _default_out(args: argparse.Namespace) -> Path:
@@ -186,8 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no run records found in {records.source}", file=sys.stderr)
         return 2
     out = args.out or _default_out(args)
-    print(build_report(records, out))
-    print(f"\nreport: {out / 'report.md'}")
+    report = build_report(records, out)
+    print(report.text)
+    print(f"\nreport: {report.path}")
     return 0
 
 

@@ -3,16 +3,17 @@
 A run's history is its frame of RL rows (`iteration`, `samples`, metrics), in iteration order; a metric
 is read from the rows that have it (an eval metric is on eval rows only).
 
-- `final_value`: the mean of the metric over the rows whose iteration lies in the last 10% of the run's
-  iterations (iteration > 0.9 * last iteration); when none of them has the metric (an eval every 5
-  iterations in a 30-iteration run), the last row that has it.
-- `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = final - initial.
+- `last_tenth_mean` (the "last-10% mean"; not the run record's `final/`, which is the last evaluation):
+  the mean of the metric over the rows whose iteration lies in the last 10% of the run's iterations
+  (iteration > 0.9 * last iteration); when none of them has the metric (an eval every 5 iterations in
+  a 30-iteration run), the last row that has it.
+- `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = last-10% mean - initial.
 - `samples_to_level`: the first number of generated samples at which the metric, linearly interpolated
   between its rows, reaches a level; +inf (censored: never reached within the run's samples) when it
   does not. `samples_to_half_gain` is it at initial + gain / 2 (censored when the gain is not positive);
   `at_level` reads another metric at that sample count, `value_at` a metric at a given one.
-- `first_value`: the mean over the first 10% of the iterations (the counterpart of `final_value`, for
-  metrics without an iteration-0 row, such as training ones); `change` = final - first.
+- `first_value`: the mean over the first 10% of the iterations (the counterpart of `last_tenth_mean`, for
+  metrics without an iteration-0 row, such as training ones); `change` = last-10% mean - first.
 - `early_mean`: the mean over the rows within the first fraction of the run's samples.
 - `variation`: the coefficient of variation (sd / mean, ddof=1) of a series over iterations, a
   scale-free spread that rescaling the series leaves unchanged.
@@ -39,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-FINAL_FRACTION = 0.1
+TENTH = 0.1
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,13 @@ def curve(history: pd.DataFrame, metric: str, grid: np.ndarray) -> np.ndarray:
     return interpolate(rows["x"], rows["y"], grid)
 
 
-def final_value(history: pd.DataFrame, metric: str) -> float:
+def last_tenth_mean(history: pd.DataFrame, metric: str) -> float:
     """Mean of `metric` over the last 10% of the run's iterations (at least its last value)."""
     rows = series(history, metric)
     if rows.empty:
         return float("nan")
     last_iteration = float(history["iteration"].max())
-    window = rows[rows["x"] > (1 - FINAL_FRACTION) * last_iteration]
+    window = rows[rows["x"] > (1 - TENTH) * last_iteration]
     return float(window["y"].mean() if not window.empty else rows["y"].iloc[-1])
 
 
@@ -170,7 +171,7 @@ def initial_value(history: pd.DataFrame, metric: str) -> float:
 
 
 def gain(history: pd.DataFrame, metric: str) -> float:
-    return final_value(history, metric) - initial_value(history, metric)
+    return last_tenth_mean(history, metric) - initial_value(history, metric)
 
 
 def first_value(history: pd.DataFrame, metric: str) -> float:
@@ -178,13 +179,13 @@ def first_value(history: pd.DataFrame, metric: str) -> float:
     rows = series(history, metric)
     if rows.empty:
         return float("nan")
-    window = rows[rows["x"] <= FINAL_FRACTION * float(history["iteration"].max())]
+    window = rows[rows["x"] <= TENTH * float(history["iteration"].max())]
     return float(window["y"].mean() if not window.empty else rows["y"].iloc[0])
 
 
 def change(history: pd.DataFrame, metric: str) -> float:
-    """Final minus first value: the drift of a metric that has no iteration-0 row."""
-    return final_value(history, metric) - first_value(history, metric)
+    """Last-10% mean minus first value: the drift of a metric that has no iteration-0 row."""
+    return last_tenth_mean(history, metric) - first_value(history, metric)
 
 
 def samples_to_level(history: pd.DataFrame, metric: str, level: float) -> float:

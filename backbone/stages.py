@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from backbone.artifacts import get_or_build
 from backbone.engine import lr_lambda, resolve_device
@@ -45,6 +44,7 @@ from backbone.models import (
     position_ids,
     train_word_tokenizer,
 )
+from backbone.progress import progress
 from backbone.tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def _fit(
 
     log({f"{prefix}/step": 0, **run_eval()})
     step, final = 0, {}
-    with tqdm(total=total, desc=prefix, leave=False) as bar:
+    with progress(total=total, desc=prefix, leave=False) as bar:
         for _ in range(stage.epochs):
             for indices in _batches(n_train, stage.batch_size, generator):
                 loss, stats = loss_fn(indices)
@@ -194,8 +194,8 @@ def _fit(
                     final = run_eval()
                     row.update(final)
                 log(row)
+                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
                 bar.update()
-                bar.set_postfix(loss=f"{loss_value:.3f}")
     model.eval()
     return final
 

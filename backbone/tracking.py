@@ -265,6 +265,14 @@ class Tracker:
         if self._run is not None:
             self._guarded("summary", self._run.summary.update, values)
 
+    def summary_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        """Put a table in the W&B run summary only: its values are already in the local record."""
+        if self._run is not None:
+            import wandb
+
+            table = wandb.Table(columns=columns, data=to_python(rows))
+            self._guarded("summary_table", self._run.summary.update, {name: table})
+
     def mark_preempting(self) -> None:
         """Tell W&B the run was pre-empted and will be resumed, not failed."""
         if self._run is not None:

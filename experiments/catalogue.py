@@ -6,7 +6,8 @@ ROW is a catalogue row (conf/experiment/<row>.yaml, or a row a benchmark measure
 OVERRIDE (``key=value``) goes to every sweep, e.g. ``hydra.launcher.n_jobs=4``; ``--seeds`` sets every
 row's evaluation seeds (a tuned sweep's ``eval_seeds``, a grid's ``seed``). Each row's sweep runs
 on the local parallel launcher into DIR/<row> (default DIR: ``catalogue``), with one artifact cache
-for all of them, then its report is written to DIR/<row>/report; at the end FINDINGS.md is
+for all of them, then its report is written to DIR/<row>/report (by the catalogue, not by the sweep's
+end-of-sweep callback, so that a sweep with a failed job is reported too); at the end FINDINGS.md is
 regenerated from DIR (``python -m analysis.findings``).
 
 Rows whose sweeps are the same runs (rrhf_fast_but_far and bon_frontier reuse three_algorithms' tuned
@@ -132,6 +133,8 @@ def plan(
             "hydra/launcher=local_parallel",
             f"hydra.sweep.dir={folder}",
             f"paths.artifacts={out / 'artifacts'}",
+            # run_sweep writes the report, also after a sweep that failed: the sweep's own callback is off
+            "~hydra.callbacks.sweep_report",
             *row_overrides,
         ]
         sweeps[key] = Sweep([row], command, key=key, folder=folder)

@@ -6,7 +6,8 @@
 
 SFT and reward-model artifacts are cached under ``paths.artifacts``, so every job of a
 sweep shares them. The run record (``history.jsonl``, ``summary.json``, ``checkpoints/``)
-lands in the job's Hydra output folder.
+lands in the job's Hydra output folder; a table of its headline numbers ends the job's log
+(analysis.run_summary), and a sweep ends with its report (experiments.sweep_report).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms.base import Algorithm
+from analysis.run_summary import COLUMNS, format_table, summary_rows
 from backbone import distributed
 from backbone.best_of_n import write_best_of_n
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
@@ -188,24 +190,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if task.has_gold and cfg.frontier.best_of_n > 0 and (rl or cfg.phase == "stages"):
             with timer.phase("best_of_n"):
                 write_best_of_n(cfg, task, stages, device, run_dir)
-        if not rl:
-            tracker.summary(job_times(timer, started))
-            return {}
-        # the RL stream (and any freshly initialised head or adapter) does not depend on whether
-        # the stages were built in this process or read from the cache
-        seed_everything(cfg.seed)
-        collector = build_collector(cfg, task, algorithm, stages, device)
-        trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
-        if state is not None:
-            trainer.load_state(state, checkpoint)
-        try:
-            with timer.phase("rl"):
-                summary = trainer.run()
-        except Preempted:
-            tracker.mark_preempting()
-            raise
+        summary = {}
+        if rl:
+            # the RL stream (and any freshly initialised head or adapter) does not depend on whether
+            # the stages were built in this process or read from the cache
+            seed_everything(cfg.seed)
+            collector = build_collector(cfg, task, algorithm, stages, device)
+            trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
+            if state is not None:
+                trainer.load_state(state, checkpoint)
+            try:
+                with timer.phase("rl"):
+                    summary = trainer.run()
+            except Preempted:
+                tracker.mark_preempting()
+                raise
         tracker.summary({**summary, **job_times(timer, started)})
+        if distributed.is_main():
+            report_end_of_run(tracker, run_dir)
         return summary
+
+
+def report_end_of_run(tracker: Tracker, run_dir: Path) -> None:
+    """The run's headline numbers, read back from its record: to the job's log (Hydra sends it to
+    stdout and run.log) and to the W&B run summary."""
+    rows = summary_rows(run_dir)
+    log.info("end of run (final = the last evaluation):\n%s", format_table(rows))
+    tracker.summary_table("end_of_run", list(COLUMNS), [list(row) for row in rows])
 
 
 def build_collector(

@@ -17,11 +17,11 @@ from analysis.stats import (
     change,
     curve,
     early_mean,
-    final_value,
     first_value,
     gain,
     initial_value,
     interpolate,
+    last_tenth_mean,
     mean_ci,
     samples_grid,
     samples_to_half_gain,
@@ -86,14 +86,14 @@ def test_curve_on_samples_grid():
     assert np.isnan(values[5:]).all()
 
 
-def test_final_value_is_mean_of_last_tenth():
+def test_last_tenth_mean_is_the_mean_of_the_last_tenth():
     values = list(range(21))  # iterations 0..20: last 10% = iterations 19, 20
-    assert final_value(history(values), "m") == pytest.approx(19.5)
+    assert last_tenth_mean(history(values), "m") == pytest.approx(19.5)
     # eval every 5 iterations: no eval in iterations 19-20 except 20
-    assert final_value(history(values, every=5), "m") == 20
+    assert last_tenth_mean(history(values, every=5), "m") == 20
     # eval every 3 (0, 3, ..., 18): none in the last 10%, so the last eval
-    assert final_value(history(values, every=3), "m") == 18
-    assert math.isnan(final_value(history(values), "other"))
+    assert last_tenth_mean(history(values, every=3), "m") == 18
+    assert math.isnan(last_tenth_mean(history(values), "other"))
 
 
 def test_gain_and_half_gain():

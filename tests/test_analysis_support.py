@@ -1,7 +1,7 @@
 """Synthetic run records shared by the analysis tests (no tests here).
 
 `synthetic_run` makes the record of one job whose eval curves follow a known shape, so a test knows what
-"final", "gain" or "samples-to-half-gain" must be; `write_job` puts a record on disk the way
+"last-10% mean", "gain" or "samples-to-half-gain" must be; `write_job` puts a record on disk the way
 `python -m experiments.run` lays out a job folder.
 """
 

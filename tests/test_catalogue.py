@@ -34,6 +34,8 @@ def test_rows_that_share_their_runs_share_one_sweep(tmp_path):
     tuned, grid = plan(["three_algorithms", "adam_eps"], tmp_path, ["iterations=2"], seeds=[0, 1])
     assert tuned.command[-2:] == ["iterations=2", "hydra.sweeper.eval_seeds=[0,1]"]
     assert grid.command[-2:] == ["iterations=2", "seed=0,1"]
+    # the catalogue writes each report itself (after a failed sweep too), the sweep's callback does not
+    assert all("~hydra.callbacks.sweep_report" in sweep.command for sweep in (tuned, grid))
     assert set(catalogue_rows()) == {c.id for c in catalogue()}
 
 
@@ -79,6 +81,7 @@ def test_the_catalogue_runs_each_row_reports_it_and_writes_the_findings(ran):
         record = json.loads((out / row / "catalogue.json").read_text())
         assert record["rows"] == [row] and record["returncode"] == 0
         assert (out / row / "report" / "report.md").exists()
+        assert "sweep report:" not in (out / row / "catalogue.log").read_text()  # built once, not twice
         assert len(list((out / row).glob("[0-9]*/summary.json"))) == 4  # 2 arms x 2 seeds
     page = findings.read_text()
     table = {line.split(" | ")[0].strip("| "): line for line in page.splitlines() if line.startswith("| ")}

@@ -121,7 +121,7 @@ def test_beyond_steps_past_an_edge_by_the_ratio_of_the_outermost_values():
 def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
     """Two arms x two learning rates on one tuning seed, then the picks on an evaluation seed."""
     sweep = tmp_path_factory.mktemp("tuned") / "sweep"
-    run_entry(
+    result = run_entry(
         [
             "-m",
             "hydra/sweeper=tuned",
@@ -140,6 +140,8 @@ def tuned_sweep(tmp_path_factory, artifacts_dir) -> Path:
         ],
         cwd=sweep.parent,
     )
+    # the end-of-sweep report, once, after the evaluation phase
+    assert result.stdout.count(f"sweep report: {sweep / 'report' / 'report.md'}") == 1
     return sweep
 
 
@@ -190,7 +192,7 @@ def test_report_shows_each_arm_with_its_pick_and_budget_and_leaves_tuning_runs_o
     from analysis.records import load_local
     from analysis.report import build_report
 
-    text = build_report(load_local([tuned_sweep]), tmp_path / "report")
+    text = build_report(load_local([tuned_sweep]), tmp_path / "report").text
     tuning = json.loads((tuned_sweep / "tuning.json").read_text())
     arms = text[text.index("## Arms") : text.index("## Tuning")]
     for arm, record in tuning["arms"].items():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,12 +50,33 @@ def rl_rows(rows: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, artifacts_dir) -> Path:
+def single_result(tmp_path_factory, artifacts_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default job, small (stdout and stderr redirected, as in a cluster job): its folder and output."""
     run_dir = tmp_path_factory.mktemp("single")
     args = [*SMALL, "iterations=3", f"paths.artifacts={artifacts_dir}", f"hydra.run.dir={run_dir}"]
     result = run_entry(args, cwd=run_dir)
     assert f"run record: {run_dir}" in result.stdout
-    return run_dir
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def single_run(single_result) -> Path:
+    return single_result[0]
+
+
+def end_of_run_table(text: str) -> dict[str, list[str]]:
+    """The end-of-run table in printed or logged text: measure -> its cells after the stage column."""
+    lines = text[text.index("end of run") :].splitlines()[1:]
+    header = lines[0].split()
+    assert header == ["stage", "measure", "first", "final", "time"]
+    table = {}
+    for line in lines[1:]:
+        if line.startswith("["):  # the next log line
+            break
+        stage, rest = (line[: len("reward model")].strip(), line[len("reward model") :].strip())
+        measure, *values = [cell for cell in rest.split("  ") if cell]
+        table[f"{stage}: {measure.strip()}"] = [v.strip() for v in values]
+    return table
 
 
 def test_history_rows_carry_the_contract_keys(single_run):
@@ -93,11 +117,54 @@ def test_summary_and_run_record(single_run):
     assert (single_run / "tables" / "eval" / "samples.jsonl").exists()
 
 
+def test_the_end_of_run_table_reads_the_run_record(single_result):
+    """Printed at the end, in run.log and in the W&B summary: the record's numbers, final = last eval."""
+    run_dir, result = single_result
+    summary = read_summary(run_dir)
+    sft, rm = summary["sft"], summary["reward_model"]
+    expected = {
+        "SFT: held-out loss": [sft["sft/eval_loss"]],
+        "reward model: held-out accuracy": [rm["rm/eval_accuracy"]],
+        "reward model: gold agreement (Spearman)": [rm["rm/eval_spearman"]],
+    }
+    for name, key in [("proxy reward", "reward_mean"), ("gold", "gold_mean"), ("KL", "kl_mean")]:
+        key = f"eval/{key}"
+        expected[f"RL: {name} ({key})"] = [summary[f"initial/{key}"], summary[f"final/{key}"]]
+    # the last evaluation is the last history row with one
+    last_eval = [r for r in read_history(run_dir) if "eval/gold_mean" in r][-1]
+    assert summary["final/eval/gold_mean"] == last_eval["eval/gold_mean"]
+    for text in (result.stdout, (run_dir / "run.log").read_text()):
+        table = end_of_run_table(text)
+        assert table.keys() >= expected.keys()
+        for measure, values in expected.items():
+            printed = [float(v) for v in table[measure][: len(values)]]
+            assert printed == pytest.approx(values, abs=5e-4), measure
+        # each stage's time: SFT and RM were built by this run or read from the cache
+        assert table["RL: proxy reward (eval/reward_mean)"][2] == f"{summary['wall_time_s']:.1f} s"
+        assert table["SFT: held-out loss"][1].startswith(f"{sft['sft/wall_time_s']:.1f} s")
+    (path,) = run_dir.glob("wandb/offline-run-*/files/media/table/end_of_run*.table.json")
+    sent = json.loads(path.read_text())
+    finals = {f"{row[0]}: {row[1]}": row[3] for row in sent["data"]}
+    assert finals["RL: gold (eval/gold_mean)"] == summary["final/eval/gold_mean"]
+    assert finals["reward model: held-out accuracy"] == rm["rm/eval_accuracy"]
+
+
+def test_progress_bars_stay_quiet_in_a_redirected_log(single_result):
+    """Off a terminal each stage's bar is drawn a few times (start, end, once a minute), not per step."""
+    run_dir, result = single_result
+    rows = read_history(run_dir)
+    # a stage read from the session's artifact cache (another test built it) draws no bar
+    built = [stage for stage in ("sft", "rm") if any(f"{stage}/step" in row for row in rows)]
+    for desc in (*built, "ppo_gae"):
+        draws = [line for line in re.split(r"[\r\n]", result.stderr) if line.startswith(f"{desc}:")]
+        assert 1 <= len(draws) <= 5, (desc, draws)
+
+
 def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     """seed=0,1 under seed_scope=pipeline builds every stage once per seed; under rl they share one."""
     artifacts = tmp_path / "artifacts"
     sweep = tmp_path / "sweep"
-    run_entry(
+    result = run_entry(
         [
             "-m",
             *SMALL,
@@ -112,6 +179,8 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     summaries = [
         read_summary(sweep / str(i)) for i in range(4)
     ]  # (pipeline, 0), (pipeline, 1), (rl, 0), (rl, 1)
+    # the end-of-sweep report, once, after the basic launcher's last job
+    assert result.stdout.count(f"sweep report: {sweep / 'report' / 'report.md'}") == 1
     assert {s["group"] for s in summaries} == {f"{sweep.parent.name}_{sweep.name}"}
     assert [s["seed"] for s in summaries] == [0, 1, 0, 1]
     assert len({s["run_id"] for s in summaries}) == 4

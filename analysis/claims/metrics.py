@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from analysis.arms import read_tuning
-from analysis.compare import Finding, Group, final_of, gain_of, summary
+from analysis.compare import Finding, Group, gain_of, last_tenth_of, summary
 
 # held-out evaluation, every arm on the same prompts with common random numbers
 REWARD = "eval/reward_mean"  # the proxy: the reward model's score
@@ -36,14 +36,16 @@ def gold_first(group: Group) -> str:
 
 
 def beside(found: Finding | None, group: Group, values: Sequence, metric: str) -> Finding | None:
-    """Add, per knob value, the final KL and, when gold is the measure, the proxy gain to the numbers."""
+    """Add, per knob value, the last-10% mean of KL and, when gold is the measure, the proxy gain to the
+    numbers."""
     if found is not None:
         for value in values:
             if metric == GOLD:
                 found.numbers[f"proxy gain [{value}]"] = summary(
                     group.measure(value, gain_of(REWARD)).values()
                 )
-            found.numbers[f"final KL [{value}]"] = summary(group.measure(value, final_of(KL)).values())
+            kl = group.measure(value, last_tenth_of(KL))
+            found.numbers[f"last-10% KL [{value}]"] = summary(kl.values())
     return found
 
 

@@ -42,11 +42,11 @@ from analysis.compare import (
     common_level,
     difference,
     extreme_values,
-    final_of,
     finding,
     gain_of,
     half_gain_of,
     judge,
+    last_tenth_of,
     lead,
     means,
     no_worse,
@@ -267,9 +267,9 @@ GAE_DEFAULT = (1.0, 0.95)
     ),
 )
 def gae_defaults(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule (ppo_gae, settings = (algorithm.gamma, algorithm.lam), default (1, 0.95)): per seed, final
-    gold (proxy without gold) per setting; effects: default minus each other setting (Holm across them).
-    The best setting is the one with the highest mean. Supported when the default is not clearly below
+    """Rule (ppo_gae, settings = (algorithm.gamma, algorithm.lam), default (1, 0.95)): per seed, last-10%
+    mean of gold (proxy without gold) per setting; effects: default minus each other setting (Holm across
+    them). The best setting is the one with the highest mean. Supported when the default is not clearly below
     the best and at least one setting is clearly below the default; contradicted when the default is
     clearly below the best; inconclusive otherwise."""
 
@@ -277,8 +277,8 @@ def gae_defaults(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         if GAE_DEFAULT not in g.cells:
             return None
         metric = gold_first(g)
-        per_value, seeds = g.paired(g.values(), final_of(metric))
-        label = f"final {metric} (gamma, lam)"
+        per_value, seeds = g.paired(g.values(), last_tenth_of(metric))
+        label = f"last-10% {metric} (gamma, lam)"
         numbers = means(label, per_value, seeds)
         best = max(per_value, key=lambda v: numbers[f"{label} [{v}]"].mean)
         versus = {
@@ -379,27 +379,28 @@ def adam_eps(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     ),
 )
 def ppo_epochs(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule (per algorithm, algorithm.ppo_epochs, at least three values): an inverted U in final gold
-    (proxy without gold) at equal samples. With e1 the fewest epochs, eN the most and e* the middle value
-    with the highest mean, per seed: rise = gold[e*] - gold[e1], fall = gold[e*] - gold[eN] and blow-up =
-    final KL[eN] - KL[e*]. Supported when the rise is clearly positive and the fall or the blow-up is;
-    contradicted when the rise is clearly negative, or the fall and the blow-up both are."""
+    """Rule (per algorithm, algorithm.ppo_epochs, at least three values): an inverted U in the last-10%
+    mean of gold (proxy without gold) at equal samples. With e1 the fewest epochs, eN the most and e* the
+    middle value with the highest mean, per seed: rise = gold[e*] - gold[e1], fall = gold[e*] - gold[eN]
+    and blow-up = KL[eN] - KL[e*] (last-10% means). Supported when the rise is clearly positive and the
+    fall or the blow-up is; contradicted when the rise is clearly negative, or the fall and the blow-up
+    both are."""
 
     def rule(g: Group) -> Finding | None:
         values = [v for v in g.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if len(values) < 3:
             return None
         metric = gold_first(g)
-        gold, seeds = g.paired(values, final_of(metric))
-        kl, _ = g.paired(values, final_of(KL))
-        numbers = {**means(f"final {metric}", gold, seeds), **means("final KL", kl, seeds)}
+        gold, seeds = g.paired(values, last_tenth_of(metric))
+        kl, _ = g.paired(values, last_tenth_of(KL))
+        numbers = {**means(f"last-10% {metric}", gold, seeds), **means("last-10% KL", kl, seeds)}
         fewest, most = values[0], values[-1]
-        peak = max(values[1:-1], key=lambda v: numbers[f"final {metric} [{v}]"].mean)
+        peak = max(values[1:-1], key=lambda v: numbers[f"last-10% {metric} [{v}]"].mean)
         rise = seed_effect(
-            f"final {metric} [{peak}] - [{fewest}]", gold, seeds, lambda m: m[peak] - m[fewest]
+            f"last-10% {metric} [{peak}] - [{fewest}]", gold, seeds, lambda m: m[peak] - m[fewest]
         )
-        fall = seed_effect(f"final {metric} [{peak}] - [{most}]", gold, seeds, lambda m: m[peak] - m[most])
-        blow_up = seed_effect(f"final KL [{most}] - [{peak}]", kl, seeds, lambda m: m[most] - m[peak])
+        fall = seed_effect(f"last-10% {metric} [{peak}] - [{most}]", gold, seeds, lambda m: m[peak] - m[most])
+        blow_up = seed_effect(f"last-10% KL [{most}] - [{peak}]", kl, seeds, lambda m: m[most] - m[peak])
 
         def decide(direction: Direction) -> int:
             return all_of(direction(rise), any_of(direction(fall), direction(blow_up)))

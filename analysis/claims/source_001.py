@@ -17,10 +17,10 @@ from analysis.compare import (
     all_of,
     difference,
     extreme_values,
-    final_of,
     finding,
     gain_of,
     judge,
+    last_tenth_of,
     means,
     no_worse,
     summary,
@@ -38,19 +38,19 @@ from analysis.compare import (
 )
 def ema(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (runs with ema.enabled true, which evaluate the EMA weights as eval_ema/* beside the live
-    weights' eval/*): per seed, final eval_ema/gold_mean - final eval/gold_mean (reward_mean when the
-    task has no gold reward), a paired comparison within each run. Supported when clearly positive,
+    weights' eval/*): per seed, last-10% mean of eval_ema/gold_mean - that of eval/gold_mean (reward_mean
+    when the task has no gold reward), a paired comparison within each run. Supported when clearly positive,
     contradicted when clearly negative."""
 
     def rule(g: Group) -> Finding | None:
         name = "gold_mean" if g.has_metric("eval_ema/gold_mean") and g.has_metric(GOLD) else "reward_mean"
         if not g.has_metric(f"eval_ema/{name}"):
             return None
-        ema_final, live_final = final_of(f"eval_ema/{name}"), final_of(f"eval/{name}")
-        effect = Effect(f"final {name} EMA - live", g.measure(True, lambda h: ema_final(h) - live_final(h)))
+        ema_late, live_late = last_tenth_of(f"eval_ema/{name}"), last_tenth_of(f"eval/{name}")
+        effect = Effect(f"last-10% {name} EMA - live", g.measure(True, lambda h: ema_late(h) - live_late(h)))
         numbers = {
-            f"final {name} [EMA]": summary(g.measure(True, ema_final).values()),
-            f"final {name} [live]": summary(g.measure(True, live_final).values()),
+            f"last-10% {name} [EMA]": summary(g.measure(True, ema_late).values()),
+            f"last-10% {name} [live]": summary(g.measure(True, live_late).values()),
         }
         return finding([effect], numbers, len(effect.per_seed))
 

@@ -21,17 +21,18 @@ from analysis.compare import (
     means,
     seed_effect,
 )
-from analysis.stats import change, final_value, initial_value, max_value, mean_value
+from analysis.stats import change, initial_value, last_tenth_mean, max_value, mean_value
 
 # "gold falls below its peak by a stated margin": at least a quarter of the way back to the start
 HACK_MARGIN = 0.25
 
 
 def gold_fall(history: pd.DataFrame) -> float:
-    """How far gold falls from its peak beyond the margin: (peak - final) - 0.25 x (peak - initial);
-    positive when the final gold is more than a quarter of the way back from its peak to the start."""
+    """How far gold falls from its peak beyond the margin: (peak - last-10% mean) - 0.25 x (peak - initial);
+    positive when the last-10% mean of gold is more than a quarter of the way back from its peak to the
+    start."""
     peak = max_value(history, GOLD)
-    return peak - final_value(history, GOLD) - HACK_MARGIN * (peak - initial_value(history, GOLD))
+    return peak - last_tenth_mean(history, GOLD) - HACK_MARGIN * (peak - initial_value(history, GOLD))
 
 
 @claim(
