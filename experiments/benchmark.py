@@ -796,6 +796,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> dict:
         "hydra/launcher=local_parallel",
         f"hydra.launcher.n_jobs={args.workers}",
         f"hydra.sweep.dir={sweep_dir}",
+        "~hydra.callbacks.sweep_report",  # the jobs are timed, not the analysis after them
     ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
