@@ -16,6 +16,14 @@ says so and the job goes on with the local record only. In online mode an unreac
 the start for wandb's init_timeout (90 s; env WANDB_INIT_TIMEOUT). Offline runs land in
 `<run_dir>/wandb/` and are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
 
+A resumed run (`rewind`) cuts the local record back to its checkpoint and makes W&B hold every kept
+row once. Offline, each process writes a folder of its own, and `wandb sync` of a folder replaces
+what the server holds of that run: the resumed run's folder is therefore rebuilt whole, by replaying
+the kept record into it, and the earlier folders of the same run are deleted. Online, the server
+already holds the rows up to the last iteration it received: those are not sent again (the rows
+between the checkpoint and the kill stay as the killed process sent them; on CPU a resumed run
+repeats them exactly), only the kept rows the server lacks are replayed.
+
 A table goes to W&B as a row of its own (the table and the `step` keys), so W&B has one row per
 `log_table` call more than history.jsonl.
 
@@ -30,6 +38,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,6 +75,17 @@ def step_metric_for(key: str) -> str | None:
     return "samples"
 
 
+def folder_artifact(folder: Path, type: str) -> wandb.Artifact:
+    """A W&B artifact named after an artifact folder that references it by path (file://, nothing uploaded,
+    no weights hashed). The run that builds the folder and every run that uses it make the same one, so
+    W&B resolves them to one version and draws the lineage between the runs."""
+    import wandb
+
+    artifact = wandb.Artifact(folder.name, type=type)
+    artifact.add_reference(folder.resolve().as_uri(), checksum=False)
+    return artifact
+
+
 def to_python(value: Any) -> Any:
     """Numpy / torch scalars (anything with `.item()`) to Python numbers, through dicts and lists."""
     if isinstance(value, dict):
@@ -99,20 +119,25 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_lines(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a JSON-lines file with their rows ([] when there is none), unreadable lines skipped."""
+    if not path.exists():
+        return []
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            lines.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            # the last line of a job killed while writing it
+            log.warning("dropping unreadable line %d of %s", number, path)
+    return lines
+
+
 def _keep_until(path: Path, key: str, max_value: float) -> None:
     """Rewrite a JSON-lines file keeping lines with `line[key] <= max_value` or without `key`."""
     if not path.exists():
         return
-    kept = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # the last line of a job killed while writing it
-            log.warning("dropping unreadable line %d of %s", number, path)
-            continue
-        if row.get(key) is None or row[key] <= max_value:
-            kept.append(line + "\n")
+    kept = [line + "\n" for line, row in _read_lines(path) if row.get(key) is None or row[key] <= max_value]
     _atomic_write(path, "".join(kept))
 
 
@@ -138,6 +163,8 @@ class Tracker:
         config: dict,
         resume_id: str | None = None,
         enabled: bool = True,
+        wandb_dir: str | Path | None = None,
+        reinit: str = "finish_previous",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"logger mode must be one of {MODES}, got {mode!r}")
@@ -147,6 +174,8 @@ class Tracker:
         self._run: wandb.Run | None = None
         self._defined: set[str] = set()
         self._finished = False
+        # after a resume, rows with `row[key] <= value` that W&B already holds: (key, value)
+        self._held: tuple[str, float] | None = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,13 +192,14 @@ class Tracker:
                 name=name,
                 tags=tags,
                 config=config,
-                dir=self.run_dir,
+                dir=wandb_dir or self.run_dir,
                 mode=mode,
                 id=self.run_id,
                 resume="allow" if resume_id else None,
                 # a Hydra multirun runs its jobs one after another in this process: a run some job
-                # left open is closed rather than returned and logged into
-                reinit="finish_previous",
+                # left open is closed rather than returned and logged into ("create_new" for a stage's
+                # run, opened beside the job's own)
+                reinit=reinit,
             )
         except Exception as exc:
             self._drop_wandb("wandb.init", exc)
@@ -220,8 +250,46 @@ class Tracker:
 
     def _wandb_log(self, row: dict[str, Any]) -> None:
         assert self._run is not None
+        if self._held is not None:
+            key, value = self._held
+            if row.get(key) is not None and row[key] <= value:
+                return  # a resumed online run whose server has this row already
         self._define_metrics(row)
         self._run.log(row)
+
+    def _wandb_table(self, name: str, columns: list[str], rows: list[list], step: dict) -> None:
+        import wandb
+
+        self._wandb_log({name: wandb.Table(columns=columns, data=rows), **step})
+
+    def _replay(self, key: str) -> None:
+        """Send W&B the kept rows it lacks, in the order they were logged; delete superseded offline runs."""
+        assert self._run is not None
+        # wandb.init restores a resumed online run's summary from the server: there `key` is the last row
+        # it received. An offline run (a fresh folder) holds nothing.
+        held = None if self._run.offline else self._run.summary.get(key)
+        # (position, payload): a table line goes before the row of its step (logged during its evaluation)
+        events: list[tuple[tuple[float, int, int], str | None, dict]] = []
+        for number, (_, row) in enumerate(_read_lines(self.run_dir / "history.jsonl")):
+            events.append(((row.get(key, float("-inf")), 1, number), None, row))
+        for path in sorted((self.run_dir / "tables").glob("**/*.jsonl")):
+            name = path.relative_to(self.run_dir / "tables").with_suffix("").as_posix()
+            for number, (_, line) in enumerate(_read_lines(path)):
+                events.append(((line.get(key, float("-inf")), 0, number), name, line))
+        for (position, _, _), table, payload in sorted(events, key=lambda event: event[0]):
+            if held is not None and position <= held:  # rows without `key` (at -inf) too
+                continue
+            if table is None:  # history.jsonl holds non-finite values as null
+                self._wandb_log({k: math.nan if v is None else v for k, v in payload.items()})
+            else:
+                step = {k: v for k, v in payload.items() if k not in ("columns", "rows")}
+                self._wandb_table(table, payload["columns"], payload["rows"], step)
+        if held is not None:
+            self._held = (key, held)
+        current = Path(self._run.settings.sync_dir)
+        for folder in current.parent.glob(f"offline-run-*-{self.run_id}"):
+            if folder != current:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ public API
 
@@ -246,12 +314,7 @@ class Tracker:
         with open(path, "a") as f:
             f.write(_json_line({**step, "columns": list(columns), "rows": rows}))
             f.flush()
-        if self._run is not None:
-            import wandb
-
-            self._guarded(
-                "log_table", self._wandb_log, {name: wandb.Table(columns=columns, data=rows), **step}
-            )
+        self._guarded("log_table", self._wandb_table, name, columns, rows, step)
 
     def summary(self, values: dict) -> None:
         """Merge `values` into summary.json and the W&B run summary."""
@@ -286,6 +349,34 @@ class Tracker:
         _keep_until(self.run_dir / "history.jsonl", key, max_value)
         for path in sorted((self.run_dir / "tables").glob("**/*.jsonl")):
             _keep_until(path, key, max_value)
+
+    def rewind(self, key: str, max_value: float) -> None:
+        """Start (or resume from a checkpoint at `row[key] == max_value`; -1 for none) with every local
+        row past it dropped (`truncate_history`) and W&B holding each kept row once: replayed into a
+        fresh offline folder whose predecessors are deleted, or sent online where the server lacks it."""
+        if not self.enabled:
+            return
+        self.truncate_history(key, max_value)
+        self._guarded("replay", self._replay, key)
+
+    def log_artifact(self, folder: Path, type: str) -> None:
+        """Record in W&B that this run made the (finished) artifact `folder`."""
+        self._guarded("log_artifact", lambda: self._run.log_artifact(folder_artifact(folder, type)))
+
+    def use_artifact(self, folder: Path, type: str) -> None:
+        """Record in W&B that this run starts from the artifact `folder`."""
+
+        def use() -> None:
+            assert self._run is not None
+            artifact = folder_artifact(folder, type)
+            if self._run.offline:
+                # use_artifact refuses offline runs even a local artifact, which it would only log with
+                # these flags (the record `wandb sync` turns into the use)
+                self._run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            else:
+                self._run.use_artifact(artifact)
+
+        self._guarded("use_artifact", use)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the W&B run; idempotent and safe in a `finally`."""

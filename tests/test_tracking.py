@@ -252,14 +252,32 @@ def test_truncate_history_for_resume(tmp_path: Path) -> None:
     tracker.finish()
 
 
-def test_resume_reuses_the_run_id_and_drops_rows_after_the_checkpoint(tmp_path: Path) -> None:
+def _wandb_rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [items_of(h.item) for h in records_of(offline_records(run_dir), "history")]
+
+
+def test_resume_rebuilds_one_offline_run_with_each_row_once(tmp_path: Path) -> None:
+    table = (["prompt"], [["hi"]])
     first = _tracker(tmp_path)
     for iteration in range(4):
-        first.log({"iteration": iteration, "samples": 64 * iteration})
+        first.log_table("eval/samples", *table, {"iteration": iteration, "samples": 64 * iteration})
+        first.log({"iteration": iteration, "samples": 64 * iteration, "train/loss": float("nan")})
     first.finish(exit_code=1)  # killed after iteration 3, with its last checkpoint at iteration 1
+    wandb.teardown()  # the killed process's folder is complete on disk
     with _tracker(tmp_path, resume_id=first.run_id) as resumed:
-        resumed.truncate_history("iteration", 1)
-        resumed.log({"iteration": 2, "samples": 128})
+        resumed.rewind("iteration", 1)
+        for iteration in (2, 3):
+            resumed.log_table("eval/samples", *table, {"iteration": iteration, "samples": 64 * iteration})
+            resumed.log({"iteration": iteration, "samples": 64 * iteration, "train/loss": 0.5})
     assert resumed.run_id == first.run_id
+    assert [row["iteration"] for row in _history_jsonl(tmp_path)] == [0, 1, 2, 3]
+    # one offline folder, the one `wandb sync` uploads, holding every row once, in order
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert folder.name.endswith(first.run_id)
+    rows = _wandb_rows(tmp_path)
     assert {run.run_id for run in records_of(offline_records(tmp_path), "run")} == {first.run_id}
-    assert [row["iteration"] for row in _history_jsonl(tmp_path)] == [0, 1, 2]
+    metrics = [row for row in rows if "train/loss" in row]
+    tables = [row for row in rows if "eval/samples/_type" in row]
+    assert [row["iteration"] for row in metrics] == [row["iteration"] for row in tables] == [0, 1, 2, 3]
+    assert [row["iteration"] for row in rows] == [0, 0, 1, 1, 2, 2, 3, 3]  # each table before its row
+    assert math.isnan(metrics[1]["train/loss"]) and metrics[2]["train/loss"] == 0.5
