@@ -32,23 +32,28 @@ logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """Resolved configs, dataclasses and mappings, nested in any way, as plain JSON-able values."""
     if isinstance(obj, DictConfig | ListConfig):
-        return _plain(OmegaConf.to_container(obj, resolve=True, enum_to_str=True))
+        return plain(OmegaConf.to_container(obj, resolve=True, enum_to_str=True))
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _plain(dataclasses.asdict(obj))
+        return plain(dataclasses.asdict(obj))
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
+        return [plain(v) for v in obj]
     return obj
 
 
 def config_hash(obj: Any) -> str:
     """First 16 hex digits of the sha256 of the canonical JSON of a (resolved) config or dict."""
-    canonical = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(plain(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def artifact_folder(root: str | Path, kind: str, key: Mapping[str, Any]) -> Path:
+    """Where the artifact ``kind`` made from ``key`` lives (built or not)."""
+    return Path(root) / f"{kind}-{config_hash(key)}"
 
 
 def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Callable[[Path], None]) -> Path:
@@ -58,10 +63,9 @@ def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Cal
     after it returns, then the folder is renamed into place. If ``build`` raises, the
     temporary folder is left behind for inspection and removed by the next build.
     """
-    root = Path(root)
+    final = artifact_folder(root, kind, key)
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{kind}-{config_hash(key)}"
-    final = root / name
     if (final / COMPLETE).exists():
         logger.info("artifact cache hit: %s", final)
         return final
@@ -80,7 +84,7 @@ def get_or_build(root: str | Path, kind: str, key: Mapping[str, Any], build: Cal
         tmp.mkdir()
         logger.info("building artifact %s", final)
         build(tmp)
-        (tmp / "key.json").write_text(json.dumps(_plain(key), indent=2, sort_keys=True, default=str))
+        (tmp / "key.json").write_text(json.dumps(plain(key), indent=2, sort_keys=True, default=str))
         (tmp / COMPLETE).touch()
         os.replace(tmp, final)
     return final

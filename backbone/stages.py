@@ -10,6 +10,9 @@ adapter on the SFT model (PEFT's format) beside its value head. A critic may sta
 model of another pooling than the reward's (``critic.init=reward_mean``, say): the same stage with
 only the pooling changed, a second artifact built once and shared like the first.
 
+Each stage a job builds is reported through a ``StageLog``: the run opens a W&B run of the stage's
+own for it (``experiments.run``), entered before it trains and left once its folder is in place.
+
 Sequences follow the layout of ``backbone.batch``: prompt left-padded, response (closed
 by EOS) right-padded, so every response of a batch starts at the same column.
 """
@@ -21,6 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from backbone.artifacts import get_or_build
+from backbone.artifacts import artifact_folder, get_or_build, plain
 from backbone.engine import lr_lambda, resolve_device
 from backbone.lora import add_lora
 from backbone.models import (
@@ -69,6 +73,32 @@ class StageArtifacts:
     critic: Path  # where a critic starts (critic.init): a reward-model artifact, or the SFT model
     sft_metrics: dict
     rm_metrics: dict
+
+
+@dataclass(frozen=True)
+class StageBuild:
+    """A stage this job builds: the artifact kind (sft, reward), the folder it will be in, the key it is
+    built from (plain values) and the artifact folders it starts from."""
+
+    kind: str
+    folder: Path
+    key: dict
+    inputs: tuple[Path, ...]
+
+
+# the record of one stage build: entered before it trains, it gives where the stage's rows go; it is
+# exited once the artifact's folder is in place, or with the error that stopped the build
+StageLog = Callable[[StageBuild], AbstractContextManager[Log]]
+
+
+def stage_rows_to(log: Log) -> StageLog:
+    """A StageLog that sends every stage's rows to ``log`` and records nothing else."""
+
+    @contextmanager
+    def record(build: StageBuild) -> Iterator[Log]:
+        yield log
+
+    return record
 
 
 # --------------------------------------------------------------------------- data
@@ -469,29 +499,40 @@ def _read_metrics(folder: Path) -> dict:
     return json.loads((folder / METRICS_FILE).read_text())
 
 
-def prepare_stages(cfg: DictConfig, task: Task, log: Log) -> StageArtifacts:
+def prepare_stages(cfg: DictConfig, task: Task, stage_log: StageLog) -> StageArtifacts:
     """Build or reuse base, SFT and reward model (and the reward model a critic starts from, when its
-    pooling differs); each one's rows go to ``log`` only when it is built."""
+    pooling differs); each stage this job builds is recorded through ``stage_log``."""
     root = cfg.paths.artifacts
+
+    def built(kind: str, key: dict, start: str | Path, train: Callable[[Path, Log], dict]) -> Path:
+        # a locally built base is an artifact too; a name_or_path is not
+        inputs = (start,) if isinstance(start, Path) else ()
+        build = StageBuild(kind, artifact_folder(root, kind, key), plain(key), inputs)
+        with ExitStack() as record:  # left after get_or_build has put the folder in place
+            return get_or_build(
+                root, kind, key, lambda folder: train(folder, record.enter_context(stage_log(build)))
+            )
+
     base_key = _base_key(cfg)
     base = build_base(cfg, task)
     sft_key = {"base": base_key, "sft": sft_config_key(cfg.sft)}
-    sft = get_or_build(root, "sft", sft_key, lambda folder: train_sft(cfg, task, base, folder, log))
+    sft = built("sft", sft_key, base, lambda folder, log: train_sft(cfg, task, base, folder, log))
     init_key, init_path = (sft_key, sft) if cfg.reward_model.init == "sft" else (base_key, base)
 
-    def reward_model(pooling: str, rows: Log) -> Path:
+    def reward_model(pooling: str) -> Path:
         # the same stage config, seed included, for every pooling: the models differ in it alone
         key = {"init": init_key, "reward_model": cfg.reward_model, "pooling": pooling}
         if cfg.peft.mode != "none":  # a LoRA reward model is another artifact (peft=none keeps its key)
             key["peft"] = cfg.peft
-        return get_or_build(
-            root, "reward", key, lambda out: train_reward_model(cfg, task, init_path, out, rows, pooling)
+        return built(
+            "reward",
+            key,
+            init_path,
+            lambda out, log: train_reward_model(cfg, task, init_path, out, log, pooling),
         )
 
-    reward = reward_model(cfg.reward.pooling, log)
+    reward = reward_model(cfg.reward.pooling)
     critic = {"reward": reward, "sft": sft}.get(cfg.critic.init)
     if critic is None:  # reward_last | reward_mean: the reward's own artifact when the poolings agree
-        pooling = cfg.critic.init.removeprefix("reward_")
-        # its rows as critic_rm/..., beside the reward's rm/... in one history
-        critic = reward_model(pooling, lambda row: log({f"critic_{k}": v for k, v in row.items()}))
+        critic = reward_model(cfg.critic.init.removeprefix("reward_"))
     return StageArtifacts(base, sft, reward, critic, _read_metrics(sft), _read_metrics(reward))

@@ -98,7 +98,7 @@ from backbone.models import (
 from backbone.provenance import environment
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
-from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows
+from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows, stage_rows_to
 from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
 from backbone.trainer import Trainer
@@ -197,7 +197,7 @@ def train_and_record(
             f"{algorithm.name}: an offline algorithm generates its whole budget before the first "
             "iteration, so its iterations have no rollout to time; benchmark mode=online"
         )
-    stages = prepare_stages(cfg, task, lambda row: None)
+    stages = prepare_stages(cfg, task, stage_rows_to(lambda row: None))
     reset_peak_memory(device)
     collector = build_collector(cfg, task, algorithm, stages, device, RecordingCollector)
     seed_everything(cfg.seed)

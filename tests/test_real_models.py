@@ -49,7 +49,7 @@ from backbone.models import (
 )
 from backbone.reward import RewardShaper
 from backbone.rollout import RolloutCollector
-from backbone.stages import prepare_stages
+from backbone.stages import prepare_stages, stage_rows_to
 
 H, A = "\n\nHuman: ", "\n\nAssistant:"
 EOT = "<|endoftext|>"
@@ -270,7 +270,7 @@ def test_stages_and_a_rollout_from_a_pretrained_base(checkpoints, tmp_path, opti
     )
     task = instantiate(cfg.task)
     assert task.rl_prompts()[0].startswith(cfg.model.prompt_template.removesuffix("{prompt}") + H)
-    stages = prepare_stages(cfg, task, lambda row: None)
+    stages = prepare_stages(cfg, task, stage_rows_to(lambda row: None))
     assert stages.base == str(checkpoints[family])
     # 20% / 40% of the 40 train rows
     assert stages.sft_metrics["sft/train_examples"] == 8 and stages.rm_metrics["rm/train_pairs"] == 16

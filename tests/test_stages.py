@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ from backbone.models import (
 from backbone.rng import apply_seed_scope
 from backbone.stages import (
     METRICS_FILE,
+    StageBuild,
     build_base,
     pairwise_loss,
     prepare_stages,
     sft_loss,
+    stage_rows_to,
     train_reward_model,
     train_sft,
 )
@@ -186,17 +189,17 @@ def test_sft_then_reward_model_learn_and_reload(tmp_path):
 def test_prepare_stages_builds_once_and_reuses(tmp_path):
     cfg = make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=1", "reward.pooling=mean")
     rows: list[dict] = []
-    first = prepare_stages(cfg, FakeTask(), rows.append)
+    first = prepare_stages(cfg, FakeTask(), stage_rows_to(rows.append))
     assert rows and first.sft_metrics["sft/train_examples"] == 192
     assert ValueModel.from_pretrained(first.reward).pooling == "mean"
     built = len(rows)
-    again = prepare_stages(cfg, FakeTask(), rows.append)
+    again = prepare_stages(cfg, FakeTask(), stage_rows_to(rows.append))
     assert len(rows) == built, "a cache hit trains nothing"
     assert (again.base, again.sft, again.reward) == (first.base, first.sft, first.reward)
     assert again.rm_metrics == first.rm_metrics
     # a changed reward-model config retrains the reward model only
     changed = prepare_stages(
-        make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=2"), FakeTask(), rows.append
+        make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=2"), FakeTask(), stage_rows_to(rows.append)
     )
     assert changed.sft == first.sft and changed.reward != first.reward
 
@@ -207,11 +210,21 @@ def test_a_critic_from_another_pooling_gets_its_own_reward_model_and_the_reward_
 
     def stages(*overrides: str):
         cfg = make_cfg(tmp_path, "sft.epochs=1", "reward_model.epochs=1", "seed=7", *overrides)
-        return prepare_stages(apply_seed_scope(cfg), FakeTask(), rows.append)
+        return prepare_stages(apply_seed_scope(cfg), FakeTask(), record)
+
+    @contextmanager
+    def record(build: StageBuild):
+        builds.append(build)
+        yield rows.append
 
     rows: list[dict] = []
+    builds: list[StageBuild] = []
     plain = stages()
     assert plain.critic == plain.reward  # critic.init=reward: a copy of the reward model itself
+    assert [(b.kind, b.folder, b.inputs) for b in builds] == [
+        ("sft", plain.sft, (plain.base,)),
+        ("reward", plain.reward, (plain.sft,)),
+    ]
     built = len(rows)
     mean = stages("critic.init=reward_mean")
     assert (mean.sft, mean.reward) == (plain.sft, plain.reward)
@@ -221,12 +234,17 @@ def test_a_critic_from_another_pooling_gets_its_own_reward_model_and_the_reward_
     reward_key, critic_key = (json.loads((f / "key.json").read_text()) for f in (mean.reward, mean.critic))
     assert critic_key["reward_model"]["seed"] == reward_key["reward_model"]["seed"] == 7  # the pipeline's
     assert critic_key == {**reward_key, "pooling": "mean"}
+    # a reward-model build of its own
+    assert [(b.kind, b.folder, b.inputs, b.key["pooling"]) for b in builds[2:]] == [
+        ("reward", mean.critic, (plain.sft,), "mean")
+    ]
     critic_rows = rows[built:]
-    assert critic_rows and all(key.startswith("critic_rm/") for row in critic_rows for key in row)
+    assert critic_rows and all(key.startswith("rm/") for row in critic_rows for key in row)
     assert stages("critic.init=reward_mean").critic == mean.critic and len(rows) == built + len(critic_rows)
     assert stages("critic.init=reward_last").critic == plain.reward  # the reward's own pooling: no build
     assert stages("critic.init=sft").critic == plain.sft
-    assert len(rows) == built + len(critic_rows)  # (critic.init=reward_max fails at composition)
+    assert len(rows) == built + len(critic_rows) and len(builds) == 3
+    # (critic.init=reward_max fails at composition)
 
 
 @pytest.mark.parametrize(("empty", "stage"), [("train", "sft"), ("eval", "sft"), ("eval", "rm")])
@@ -266,7 +284,7 @@ def test_local_preference_dataset_trains_both_stages(tmp_path):
     cfg = make_cfg(tmp_path, "task=local_preferences", "task.path=json", f"task.data_files={data_files}")
     task = instantiate(cfg.task)
     assert isinstance(task, preference.PreferenceDatasetTask) and not task.has_gold
-    stages = prepare_stages(cfg, task, lambda row: None)
+    stages = prepare_stages(cfg, task, stage_rows_to(lambda row: None))
     assert stages.sft_metrics["sft/train_examples"] == 96
     assert "rm/eval_spearman" not in stages.rm_metrics
     assert 0.0 <= stages.rm_metrics["rm/eval_accuracy"] <= 1.0
