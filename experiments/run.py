@@ -19,12 +19,15 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +45,7 @@ from backbone.ptx import pretrain_texts
 from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
-from backbone.stages import StageArtifacts, prepare_stages
+from backbone.stages import Log, StageArtifacts, StageBuild, StageLog, prepare_stages
 from backbone.tasks.base import SPLITS, Task
 from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
@@ -57,22 +60,89 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 register_configs()
 
 
+# overrides that say where or how a job runs and reports, not what it trains: in no run's name or tags
+BOOKKEEPING = (
+    "hydra.",
+    "paths.",
+    "logger.",
+    "resume",
+    "phase",
+    "experiment",
+    "engine.device",
+    "engine.cpu_threads",
+)
+# the W&B job type of each stage's run, by artifact kind; RL runs' job type is their algorithm
+STAGE_JOB_TYPES = {"sft": "sft", "reward": "reward_model"}
+ARTIFACT_TYPE = "model"
+
+
+def named_overrides(hydra_cfg: DictConfig) -> list[str]:
+    """The job's overrides that say what it trains, sorted, less those its sweep gives every job alike
+    (single values on the sweep's command line, saved in its multirun.yaml, or in its sweeper's
+    ``params``: an experiment's task and budget): in a sweep, the values that tell its jobs apart."""
+    parser = OverridesParser.create()
+    common = [
+        f"{key}={value}" for key, value in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items()
+    ]
+    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if hydra_cfg.mode == RunMode.MULTIRUN and saved.exists():
+        common += OmegaConf.load(saved).hydra.overrides.task
+    fixed = {o.key_or_group for o in parser.parse_overrides(common) if not o.is_sweep_override()}
+    return sorted(
+        o.input_line
+        for o in parser.parse_overrides(list(hydra_cfg.overrides.task))
+        if not o.key_or_group.startswith(BOOKKEEPING) and o.key_or_group not in fixed
+    )
+
+
 def run_identity(cfg: DictConfig) -> tuple[str, str, list[str]]:
     """(group, name, tags): a sweep's jobs share the sweep's group (its folder's name, e.g.
-    ``three_algorithms_2026-11-24_18-00-00`` for an experiment) and are tagged with their knob values."""
+    ``three_algorithms_2026-11-24_18-00-00`` for an experiment); a run is named after the values it was
+    given, as Hydra's ``override_dirname`` writes them (``algorithm=rrhf,seed=1``; with none,
+    ``ppo_gae-seed0``), and a sweep's jobs are tagged with them."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = named_overrides(hydra_cfg)
+    name = ",".join(overrides) or f"{cfg.algorithm.name}-seed{cfg.seed}"
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir)
         default_group = f"{sweep_dir.parent.name}_{sweep_dir.name}"
-        name = f"{cfg.algorithm.name}-seed{cfg.seed}-job{hydra_cfg.job.num}"
-        knob_tags = [o for o in hydra_cfg.overrides.task if not o.startswith(("paths.", "hydra.", "logger."))]
+        knob_tags = overrides
     else:
         default_group = f"{output_dir.parent.name}_{output_dir.name}"
-        name = f"{cfg.algorithm.name}-seed{cfg.seed}"
         knob_tags = []
     tags = [*cfg.logger.tags, cfg.algorithm.name, cfg.task.name, cfg.model.name, *knob_tags]
     return cfg.logger.group or default_group, name, tags
+
+
+def stage_runs(cfg: DictConfig, run_dir: Path, group: str) -> StageLog:
+    """Each stage this job builds as a W&B run of its own, in the job's group and W&B folder: job type
+    ``sft`` or ``reward_model``, named after its artifact folder, configured by the artifact's key, its
+    local record in ``<run_dir>/stages/<artifact>/``. It uses the artifacts it starts from and logs the
+    one it made, once that is in place."""
+
+    @contextmanager
+    def record(build: StageBuild) -> Iterator[Log]:
+        with Tracker(
+            run_dir / "stages" / build.folder.name,
+            enabled=distributed.is_main(),
+            mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=group,
+            job_type=STAGE_JOB_TYPES[build.kind],
+            name=build.folder.name,
+            tags=[*cfg.logger.tags, cfg.task.name, cfg.model.name],
+            config=build.key,
+            wandb_dir=run_dir,
+            reinit="create_new",  # beside the job's own run, which stays open
+        ) as stage:
+            for folder in build.inputs:
+                stage.use_artifact(folder, ARTIFACT_TYPE)
+            yield stage.log
+            stage.log_artifact(build.folder, ARTIFACT_TYPE)
+
+    return record
 
 
 def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path | None, dict | None]:
@@ -165,8 +235,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     )
     with tracker:
         # rows after the checkpoint are done again (all of them, when a run stopped before its first
-        # checkpoint starts anew): none is lost or doubled
-        tracker.truncate_history("iteration", state["iteration"] if state else -1)
+        # checkpoint starts anew): none is lost or doubled, here or in W&B
+        tracker.rewind("iteration", state["iteration"] if state else -1)
         if state is not None:
             log.info("resuming %s from %s (iteration %d)", run_dir, checkpoint, state["iteration"])
         identity = {"group": group, "name": name, "run_id": tracker.run_id, "data": task.data_stats()}
@@ -176,10 +246,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         )
         timer = PhaseTimer(device)
         with timer.phase("stages"):
-            stages = prepare_stages(cfg, task, tracker.log)
-        artifacts = {"sft": Path(stages.sft).name, "reward": Path(stages.reward).name}
+            stages = prepare_stages(cfg, task, stage_runs(cfg, run_dir, group))
+        used = {"sft": Path(stages.sft), "reward": Path(stages.reward)}
         if algorithm.needs_critic:
-            artifacts["critic"] = Path(stages.critic).name  # where the critic starts
+            used["critic"] = Path(stages.critic)  # where the critic starts
+        for folder in dict.fromkeys(used.values()):  # every run records its inputs, built here or cached
+            tracker.use_artifact(folder, ARTIFACT_TYPE)
+        artifacts = {role: folder.name for role, folder in used.items()}
         tracker.summary(
             {"sft": stages.sft_metrics, "reward_model": stages.rm_metrics, "artifacts": artifacts}
         )

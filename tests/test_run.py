@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import read_history, read_summary, run_entry
-from wandb_records import items_of, offline_records, records_of
+from wandb_records import items_of, offline_records, offline_runs, records_of
 
 from backbone.models import value_metadata
 
@@ -190,18 +190,58 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
     built = sorted(p.name.split("-")[0] for p in artifacts.iterdir() if p.is_dir())
     # seed 1 under pipeline builds its own stages (and best-of-n reference)
     assert built == ["base", "base", "best_of_n", "best_of_n", "reward", "reward", "sft", "sft"]
-    for i, summary in enumerate(summaries[:2]):  # what W&B received (offline run records)
-        records = offline_records(sweep / str(i))
+    group = summaries[0]["group"]
+    for i, summary in enumerate(summaries):  # what W&B received (offline run records)
+        records = offline_records(sweep / str(i), summary["run_id"])
         (wandb_run,) = records_of(records, "run")
-        assert (wandb_run.run_group, wandb_run.job_type, wandb_run.run_id) == (
-            summary["group"],
+        assert (wandb_run.run_group, wandb_run.job_type, wandb_run.display_name) == (
+            group,
             "ppo_gae",
-            summary["run_id"],
+            f"seed={i % 2},seed_scope={['pipeline', 'rl'][i // 2]}",  # the swept values, not SMALL's
         )
-        assert items_of(wandb_run.config.update)["seed"] == i
+        assert summary["name"] == wandb_run.display_name
+        assert items_of(wandb_run.config.update)["seed"] == i % 2
         history = [items_of(h.item) for h in records_of(records, "history")]
         metric_rows = [h for h in history if "eval/reward_mean" in h or "train/loss" in h]  # not tables
         assert [(h["iteration"], h["samples"]) for h in metric_rows] == [(0, 0), (1, 8)]
+        # every RL run uses its stage artifacts, built by itself or by another job (the critic starts
+        # from the reward model: the same artifact)
+        assert summary["artifacts"] == {**used[i], "critic": used[i]["reward"]}
+        uses = {a.name: a.digest for a in records_of(records, "artifact") if a.use_after_commit}
+        assert set(uses) == {used[i]["sft"], used[i]["reward"]}
+        assert all("iteration" in row for row in read_history(sweep / str(i)))  # stage rows: their own runs
+    # job 0 built seed 0's stages: each a W&B run of its own, beside its RL run, that makes its artifact
+    # (the reward model's from the SFT model's); job 2 reused them and holds only its RL run
+    stage_runs = {
+        records_of(records, "run")[0].job_type: records
+        for run_id, records in offline_runs(sweep / "0").items()
+        if run_id != summaries[0]["run_id"]
+    }
+    assert set(stage_runs) == {"sft", "reward_model"}
+    assert list(offline_runs(sweep / "2")) == [summaries[2]["run_id"]]
+    stages = (("sft", "sft", "sft", ["base"]), ("reward_model", "reward", "rm", ["sft"]))
+    for job_type, kind, prefix, inputs in stages:
+        records = stage_runs[job_type]
+        (wandb_run,) = records_of(records, "run")
+        assert (wandb_run.display_name, wandb_run.run_group) == (used[0][kind], group)
+        made = [a for a in records_of(records, "artifact") if not a.use_after_commit]
+        assert [(a.name, a.type) for a in made] == [(used[0][kind], "model")]
+        assert made[0].manifest.contents[0].ref.startswith((artifacts / used[0][kind]).as_uri())
+        if kind == "reward":  # the version RL runs use is the one made here
+            assert made[0].digest == uses_of(sweep / "2", summaries[2]["run_id"])[used[0]["reward"]]
+        started = [a.name.split("-")[0] for a in records_of(records, "artifact") if a.use_after_commit]
+        assert started == inputs
+        local = read_history(sweep / "0" / "stages" / used[0][kind])  # its own local record
+        steps = [row[f"{prefix}/step"] for row in local]
+        assert steps[0] == 0 and steps == sorted(steps)
+
+
+def uses_of(run_dir: Path, run_id: str) -> dict[str, str]:
+    return {
+        a.name: a.digest
+        for a in records_of(offline_records(run_dir, run_id), "artifact")
+        if a.use_after_commit
+    }
 
 
 def test_same_seed_gives_the_same_history(tmp_path, artifacts_dir, single_run):

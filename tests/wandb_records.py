@@ -15,13 +15,24 @@ import wandb
 from wandb.proto import wandb_internal_pb2 as pb
 
 
-def offline_records(run_dir: Path) -> list[pb.Record]:
-    """The records of the newest offline run under `run_dir`, in the order W&B wrote them."""
+def offline_records(run_dir: Path, run_id: str = "*") -> list[pb.Record]:
+    """The records of the newest offline run (of id `run_id`) under `run_dir`, in the order W&B wrote them."""
     # `run.finish()` only informs wandb-core that the run is done; the service flushes and closes
     # the file after that returns. Shutting the service down waits for it, as a process exit does.
     wandb.teardown()
     # folders are named offline-run-<yyyymmdd_hhmmss>-<id>: the last in name order is the newest
-    path = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1]
+    return read_records(sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-*.wandb"))[-1])
+
+
+def offline_runs(run_dir: Path) -> dict[str, list[pb.Record]]:
+    """Every offline run under `run_dir` by id: the records of its newest folder."""
+    wandb.teardown()
+    ids = {path.name.rsplit("-", 1)[1] for path in run_dir.glob("wandb/offline-run-*")}
+    return {run_id: offline_records(run_dir, run_id) for run_id in sorted(ids)}
+
+
+def read_records(path: Path) -> list[pb.Record]:
+    """The records of one `.wandb` file."""
     data = path.read_bytes()
     # file header: ident, magic, version; then 32 KiB blocks of chunks (crc32, length, type, data)
     assert struct.unpack("<4sH", data[:6]) == (b":W&B", 0xBEE1)
