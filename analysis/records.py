@@ -11,8 +11,11 @@ through one conversion, `frames_from_records`, from (config dict, summary dict, 
   under their own slash names (`final/eval/reward_mean`, `wall_time_s`, and the nested stage
   metrics lifted to `sft/eval_loss`, `rm/eval_accuracy`, ...). Config knobs are therefore exactly
   the columns with a dot (`knob_columns`).
-- `history`: the RL rows (those with an `iteration`) of every job, with a `run` column; a stage row
-  (`sft/step`, `rm/step`) is dropped. JSON `null` (a non-finite value) reads as NaN.
+- `history`: the RL rows (those with an `iteration`) of every job, with a `run` column, one per (run,
+  iteration): where a W&B run holds an iteration twice (a resume with an older sandbox logged the
+  iterations between its checkpoint and the kill again), the later row, the one the run record kept.
+  A stage row (`sft/step`, `rm/step`) is dropped. JSON `null` (a non-finite value) reads as NaN.
+  A W&B group's stage runs (job type `sft`, `reward_model`) are no jobs: the loader leaves them out.
 
 Status: `failed` when the job left a `failure.json` (W&B: state failed or crashed); `ok` when its
 summary holds the end-of-run values (`wall_time_s`; or a stages-only run, `iterations=0`);
@@ -165,6 +168,7 @@ def frames_from_records(records: Iterable[RunRecord]) -> tuple[pd.DataFrame, pd.
     runs = pd.DataFrame(run_rows, columns=None if run_rows else list(META_COLUMNS))
     history = pd.DataFrame(history_rows, columns=None if history_rows else ["run", *COUNTERS])
     if not history.empty:
+        history = history.drop_duplicates(["run", "iteration"], keep="last")
         history = history.sort_values(["run", "iteration"], kind="stable").reset_index(drop=True)
     return runs, history
 
@@ -380,6 +384,8 @@ def load_local(paths: Sequence[str | Path]) -> Records:
 # --------------------------------------------------------------------------- W&B
 
 WANDB_FAILED_STATES = ("failed", "crashed")
+# the job types of the runs that build the SFT and reward-model artifacts (experiments.run.STAGE_JOB_TYPES)
+WANDB_STAGE_JOB_TYPES = ("sft", "reward_model")
 
 
 def wandb_record(run: Any, source: str) -> RunRecord:
@@ -407,6 +413,7 @@ def load_wandb(entity_project: str, group: str, api: Any = None) -> Records:
 
         api = wandb.Api()
     source = f"wandb:{entity_project}/{group}"
-    records = [wandb_record(run, source) for run in api.runs(entity_project, filters={"group": group})]
+    runs = api.runs(entity_project, filters={"group": group})
+    records = [wandb_record(run, source) for run in runs if run.job_type not in WANDB_STAGE_JOB_TYPES]
     runs, history = frames_from_records(records)
     return Records(runs, history, source=source)

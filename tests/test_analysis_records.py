@@ -152,10 +152,17 @@ def test_load_wandb_converts_like_local():
     record = synthetic_run("abc123", 1, {"algorithm.name": "rrhf"})
     # W&B rows: internal keys, a table's own row (only step keys besides the table), stage rows
     rows = [{**row, "_step": i, "_runtime": 0.5} for i, row in enumerate(record.history)]
+    # resumed by an older sandbox: the last two iterations logged before the kill and again after
+    stale = [{**row, "rollout/reward_mean": -99.0} for row in rows[-2:]]
+    rows[-2:-2] = stale
     rows.append({"iteration": 5, "samples": 320, "samples_table": {"_type": "table-file", "path": "x"}})
     summary = SimpleNamespace(_json_dict=dict(record.summary))
+    stage = FakeRun(
+        id="sft1", job_type="sft", group="g", config={}, summary=summary, rows=[], state="finished"
+    )
     ok = FakeRun(
         id="abc123",
+        job_type="rrhf",
         url="https://wandb/abc123",
         state="finished",
         group="g",
@@ -165,6 +172,7 @@ def test_load_wandb_converts_like_local():
     )
     crashed = FakeRun(
         id="dead",
+        job_type="ppo_gae",
         url="u",
         state="crashed",
         group="g",
@@ -172,12 +180,15 @@ def test_load_wandb_converts_like_local():
         summary=SimpleNamespace(_json_dict={}),
         rows=[],
     )
-    other = FakeRun(id="x", url="u", state="finished", group="other", config={}, summary=summary, rows=[])
-    api = FakeApi([ok, crashed, other])
+    other = FakeRun(
+        id="x", job_type="rrhf", url="u", state="finished", group="other", config={}, summary=summary, rows=[]
+    )
+    api = FakeApi([ok, crashed, other, stage])
     records = load_wandb("me/project", "g", api=api)
     assert api.calls == [("me/project", {"group": "g"})]
     assert records.source == "wandb:me/project/g"
     runs = records.runs.set_index("run")
+    assert sorted(runs.index) == ["abc123", "dead"]  # the stage run is no job
     assert runs.loc["abc123", "status"] == "ok" and runs.loc["abc123", "algorithm.name"] == "rrhf"
     assert runs.loc["dead", "status"] == "failed" and "crashed" in runs.loc["dead", "error"]
     _, local_history = frames_from_records([record])

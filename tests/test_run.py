@@ -12,7 +12,9 @@ import pytest
 from conftest import read_history, read_summary, run_entry
 from wandb_records import items_of, offline_records, offline_runs, records_of
 
+from analysis.records import WANDB_STAGE_JOB_TYPES
 from backbone.models import value_metadata
+from experiments.run import STAGE_JOB_TYPES
 
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
@@ -310,3 +312,7 @@ def test_a_critic_from_the_mean_pooled_reward_model_keeps_the_last_token_reward(
     ours, theirs = rl_rows(read_history(run_dir)), rl_rows(read_history(single_run))
     for key, row in (("eval/reward_mean", 0), ("rollout/reward_mean", 1)):
         assert ours[row][key] == theirs[row][key], key
+
+
+def test_analysis_knows_the_stage_runs_job_types():
+    assert tuple(STAGE_JOB_TYPES.values()) == WANDB_STAGE_JOB_TYPES  # it leaves them out of a group's jobs
