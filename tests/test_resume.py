@@ -19,6 +19,7 @@ import torch
 from conftest import read_history, read_summary, run_entry
 from safetensors.torch import load_file
 from test_run import SMALL
+from wandb_records import items_of, offline_records, records_of
 
 from backbone.checkpoint import CheckpointManager, load_state
 
@@ -65,8 +66,14 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def wandb_run_ids(run_dir: Path) -> set[str]:
-    return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+def wandb_folders(run_dir: Path, run_id: str) -> list[Path]:
+    return list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def wandb_iterations(run_dir: Path, run_id: str) -> list[int]:
+    """The iterations of the metric rows (not the tables' own rows) that `wandb sync` would upload."""
+    history = [items_of(h.item) for h in records_of(offline_records(run_dir, run_id), "history")]
+    return [row["iteration"] for row in history if "rollout/reward_mean" in row or "eval/reward_mean" in row]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +106,9 @@ def test_killed_during_generation_update_and_checkpoint_write_resumes_exactly(
     assert_same_run(run_dir, reference)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     assert read_summary(run_dir)["run_id"] == first_id
-    assert wandb_run_ids(run_dir) == {first_id}  # four processes, one W&B run
+    # four processes, one W&B run in one offline folder, rebuilt by each resume: every iteration once
+    assert len(wandb_folders(run_dir, first_id)) == 1
+    assert wandb_iterations(run_dir, first_id) == list(range(ITERATIONS + 1))
 
 
 def test_sigterm_checkpoints_the_current_iteration_and_resumes(tmp_path, artifacts_dir, reference):
