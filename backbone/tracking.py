@@ -17,9 +17,9 @@ the start for wandb's init_timeout (90 s; env WANDB_INIT_TIMEOUT). Offline runs 
 `<run_dir>/wandb/` and are uploaded later with `wandb sync <run_dir>/wandb/offline-run-*`.
 
 A resumed run (`rewind`) cuts the local record back to its checkpoint and makes W&B hold every kept
-row once. Offline, each process writes a folder of its own, and `wandb sync` of a folder replaces
-what the server holds of that run: the resumed run's folder is therefore rebuilt whole, by replaying
-the kept record into it, and the earlier folders of the same run are deleted. Online, the server
+row once. Offline, each process writes a folder of its own, and `wandb sync` of several folders of
+one run replaces its history rather than appending to it: the resumed run's folder is therefore
+rebuilt whole, by replaying the kept record into it, and the earlier folders of the run are deleted. Online, the server
 already holds the rows up to the last iteration it received: those are not sent again (the rows
 between the checkpoint and the kill stay as the killed process sent them; on CPU a resumed run
 repeats them exactly), only the kept rows the server lacks are replayed.
