@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import read_history, read_summary, run_entry
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 from wandb_records import items_of, offline_records, offline_runs, records_of
 
 from analysis.records import WANDB_STAGE_JOB_TYPES
 from backbone.models import value_metadata
-from experiments.run import STAGE_JOB_TYPES
+from experiments.run import STAGE_JOB_TYPES, named_overrides
 
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
@@ -316,3 +318,40 @@ def test_a_critic_from_the_mean_pooled_reward_model_keeps_the_last_token_reward(
 
 def test_analysis_knows_the_stage_runs_job_types():
     assert tuple(STAGE_JOB_TYPES.values()) == WANDB_STAGE_JOB_TYPES  # it leaves them out of a group's jobs
+
+
+def test_a_run_is_named_after_the_values_that_tell_its_sweep_jobs_apart(tmp_path):
+    """Hydra's override_dirname form, less bookkeeping and less what the sweep gives every job alike: its
+    command line's single values (multirun.yaml) and its sweeper's fixed params (an experiment's)."""
+    command_line = [
+        "+experiment=kl_penalty",
+        "iterations=5",
+        "seed=0,1",
+        "paths.artifacts=/a",
+        "pinned_stages=[task]",
+    ]
+    (tmp_path / "multirun.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"overrides": {"task": command_line}}})
+    )
+    job = [
+        "+experiment=kl_penalty",
+        "iterations=5",
+        "seed=1",
+        "paths.artifacts=/a",
+        "pinned_stages=[task]",
+        "algorithm=ppo_gae",
+        "kl.coef=0.05",
+        "total_samples=3840",
+        "logger.group=g",
+    ]
+    hydra_cfg = OmegaConf.create(
+        {
+            "mode": RunMode.MULTIRUN,
+            "sweep": {"dir": str(tmp_path)},
+            "sweeper": {"params": {"algorithm": "ppo_gae", "kl.coef": "0.0,0.05", "total_samples": 3840}},
+            "overrides": {"task": job},
+        }
+    )
+    assert named_overrides(hydra_cfg) == ["kl.coef=0.05", "seed=1"]
+    hydra_cfg.mode = RunMode.RUN  # one run: every value it was given but bookkeeping and fixed params
+    assert named_overrides(hydra_cfg) == ["iterations=5", "kl.coef=0.05", "pinned_stages=[task]", "seed=1"]
