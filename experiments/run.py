@@ -45,7 +45,7 @@ from backbone.ptx import pretrain_texts
 from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
-from backbone.stages import Log, StageArtifacts, StageBuild, StageLog, prepare_stages
+from backbone.stages import METRICS_FILE, Log, StageArtifacts, StageBuild, StageLog, prepare_stages
 from backbone.tasks.base import SPLITS, Task
 from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
@@ -118,8 +118,8 @@ def run_identity(cfg: DictConfig) -> tuple[str, str, list[str]]:
 def stage_runs(cfg: DictConfig, run_dir: Path, group: str) -> StageLog:
     """Each stage this job builds as a W&B run of its own, in the job's group and W&B folder: job type
     ``sft`` or ``reward_model``, named after its artifact folder, configured by the artifact's key, its
-    local record in ``<run_dir>/stages/<artifact>/``. It uses the artifacts it starts from and logs the
-    one it made, once that is in place."""
+    local record in ``<run_dir>/stages/<artifact>/``. It uses the artifacts it starts from; once its
+    folder is in place, it logs the artifact and takes the stage's metrics as its summary."""
 
     @contextmanager
     def record(build: StageBuild) -> Iterator[Log]:
@@ -141,6 +141,7 @@ def stage_runs(cfg: DictConfig, run_dir: Path, group: str) -> StageLog:
                 stage.use_artifact(folder, ARTIFACT_TYPE)
             yield stage.log
             stage.log_artifact(build.folder, ARTIFACT_TYPE)
+            stage.summary(json.loads((build.folder / METRICS_FILE).read_text()))
 
     return record
 

@@ -235,6 +235,10 @@ def test_multirun_jobs_share_a_group_and_the_stage_artifacts(tmp_path):
             assert made[0].digest == uses_of(sweep / "2", summaries[2]["run_id"])[used[0]["reward"]]
         started = [a.name.split("-")[0] for a in records_of(records, "artifact") if a.use_after_commit]
         assert started == inputs
+        sent = {
+            k: v for summary in records_of(records, "summary") for k, v in items_of(summary.update).items()
+        }
+        assert sent[f"{prefix}/wall_time_s"] > 0  # the stage's metrics.json as its summary
         local = read_history(sweep / "0" / "stages" / used[0][kind])  # its own local record
         steps = [row[f"{prefix}/step"] for row in local]
         assert steps[0] == 0 and steps == sorted(steps)
