@@ -19,10 +19,10 @@ the start for wandb's init_timeout (90 s; env WANDB_INIT_TIMEOUT). Offline runs 
 A resumed run (`rewind`) cuts the local record back to its checkpoint and makes W&B hold every kept
 row once. Offline, each process writes a folder of its own, and `wandb sync` of several folders of
 one run replaces its history rather than appending to it: the resumed run's folder is therefore
-rebuilt whole, by replaying the kept record into it, and the earlier folders of the run are deleted. Online, the server
-already holds the rows up to the last iteration it received: those are not sent again (the rows
-between the checkpoint and the kill stay as the killed process sent them; on CPU a resumed run
-repeats them exactly), only the kept rows the server lacks are replayed.
+rebuilt whole, by replaying the kept record into it, and the earlier folders of the run are deleted.
+Online, the server already holds the rows up to the last iteration it received: those are not sent
+again (the rows between the checkpoint and the kill stay as the killed process sent them; on CPU a
+resumed run repeats them exactly), only the kept rows the server lacks are replayed.
 
 A table goes to W&B as a row of its own (the table and the `step` keys), so W&B has one row per
 `log_table` call more than history.jsonl.
@@ -287,8 +287,9 @@ class Tracker:
         if held is not None:
             self._held = (key, held)
         current = Path(self._run.settings.sync_dir)
-        for folder in current.parent.glob(f"offline-run-*-{self.run_id}"):
-            if folder != current:
+        for folder in current.parent.glob("offline-run-*"):
+            # offline-run-<date>_<time>-<id>, and -<n> after it when two start in the same second
+            if folder != current and folder.name.split("-")[3] == self.run_id:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ public API

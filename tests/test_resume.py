@@ -19,7 +19,7 @@ import torch
 from conftest import read_history, read_summary, run_entry
 from safetensors.torch import load_file
 from test_run import SMALL
-from wandb_records import items_of, offline_records, records_of
+from wandb_records import items_of, offline_records, records_of, run_id_of
 
 from backbone.checkpoint import CheckpointManager, load_state
 
@@ -67,7 +67,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 def wandb_folders(run_dir: Path, run_id: str) -> list[Path]:
-    return list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    return [folder for folder in (run_dir / "wandb").glob("offline-run-*") if run_id_of(folder) == run_id]
 
 
 def wandb_iterations(run_dir: Path, run_id: str) -> list[int]:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import wandb
-from wandb_records import items_of, offline_records, records_of
+from wandb_records import items_of, offline_records, records_of, run_id_of
 
 from backbone.tracking import Tracker
 
@@ -273,7 +273,7 @@ def test_resume_rebuilds_one_offline_run_with_each_row_once(tmp_path: Path) -> N
     assert [row["iteration"] for row in _history_jsonl(tmp_path)] == [0, 1, 2, 3]
     # one offline folder, the one `wandb sync` uploads, holding every row once, in order
     (folder,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert folder.name.endswith(first.run_id)
+    assert run_id_of(folder) == first.run_id
     rows = _wandb_rows(tmp_path)
     assert {run.run_id for run in records_of(offline_records(tmp_path), "run")} == {first.run_id}
     metrics = [row for row in rows if "train/loss" in row]

@@ -20,15 +20,22 @@ def offline_records(run_dir: Path, run_id: str = "*") -> list[pb.Record]:
     # `run.finish()` only informs wandb-core that the run is done; the service flushes and closes
     # the file after that returns. Shutting the service down waits for it, as a process exit does.
     wandb.teardown()
-    # folders are named offline-run-<yyyymmdd_hhmmss>-<id>: the last in name order is the newest
-    return read_records(sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-*.wandb"))[-1])
+    # the last in name order is the newest
+    folders = [f for f in sorted(run_dir.glob("wandb/offline-run-*")) if run_id in ("*", run_id_of(f))]
+    return read_records(next(folders[-1].glob("run-*.wandb")))
 
 
 def offline_runs(run_dir: Path) -> dict[str, list[pb.Record]]:
     """Every offline run under `run_dir` by id: the records of its newest folder."""
     wandb.teardown()
-    ids = {path.name.rsplit("-", 1)[1] for path in run_dir.glob("wandb/offline-run-*")}
+    ids = {run_id_of(folder) for folder in run_dir.glob("wandb/offline-run-*")}
     return {run_id: offline_records(run_dir, run_id) for run_id in sorted(ids)}
+
+
+def run_id_of(folder: Path) -> str:
+    """The run id in an offline folder's name: offline-run-<yyyymmdd_hhmmss>-<id>, then -<n> when
+    another folder of that run started in the same second."""
+    return folder.name.split("-")[3]
 
 
 def read_records(path: Path) -> list[pb.Record]:
