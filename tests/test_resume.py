@@ -128,6 +128,9 @@ def test_sigterm_checkpoints_the_current_iteration_and_resumes(tmp_path, artifac
     assert CheckpointManager(run_dir / "checkpoints").latest().name == f"iter-{stopped_at:06d}"
     run_entry(args, cwd=tmp_path)
     assert_same_run(run_dir, reference)
+    run_id = read_summary(run_dir)["run_id"]
+    assert len(wandb_folders(run_dir, run_id)) == 1
+    assert wandb_iterations(run_dir, run_id) == list(range(ITERATIONS + 1))
 
 
 @pytest.mark.slow
