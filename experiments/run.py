@@ -221,6 +221,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         for split in SPLITS:
             pretrain_texts(task, split)
     group, name, tags = run_identity(cfg)
+    if state is not None and (run_dir / "summary.json").exists():  # resumed: its name, however started
+        name = json.loads((run_dir / "summary.json").read_text()).get("name", name)
     tracker = Tracker(
         run_dir,
         enabled=distributed.is_main(),

@@ -189,10 +189,11 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run_with_a_checkpoint(tmp_p
 def test_a_finished_run_resumes_as_configured_and_refuses_other_configs(tmp_path, artifacts_dir, reference):
     run_dir = tmp_path / "copy"
     shutil.copytree(reference, run_dir)
-    before = read_history(run_dir)
+    before, name = read_history(run_dir), read_summary(run_dir)["name"]
     # resume=<folder> alone: the checkpoint's own config; reporting may change, the run may not
     run_entry([f"resume={run_dir}", "logger.mode=disabled"], cwd=tmp_path)
     assert read_history(run_dir) == before  # nothing left to do, nothing written twice
+    assert read_summary(run_dir)["name"] == name and f"iterations={ITERATIONS}" in name  # as first named
     # the command that started it, with resume= added: its overrides repeat the run's own values
     run_entry([*run_args(artifacts_dir, run_dir), f"resume={run_dir}"], cwd=tmp_path)
     assert read_history(run_dir) == before
