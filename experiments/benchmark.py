@@ -79,6 +79,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from algorithms.base import Algorithm
+from analysis.records import job_folders
 from backbone.batch import Batch, Rollouts
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
@@ -805,9 +806,8 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> dict:
         raise RuntimeError(
             f"the sweep failed, see {sweep_dir} ({' '.join(command)}):\n{result.stderr[-3000:]}"
         )
-    jobs = {
-        str(p.parent.relative_to(sweep_dir)): job_breakdown(p.parent) for p in sweep_dir.rglob("summary.json")
-    }
+    # the analysis's job folders: a job's stage records (stages/<artifact>/) are no jobs
+    jobs = {str(job.relative_to(sweep_dir.resolve())): job_breakdown(job) for job in job_folders([sweep_dir])}
     if args.keep is None:
         shutil.rmtree(folder, ignore_errors=True)
     totals = {
