@@ -340,8 +340,10 @@ def refuse_preset_outside_multirun() -> None:
     hydra_cfg = HydraConfig.get()
     preset = hydra_cfg.runtime.choices.get("experiment")
     if preset is not None and hydra_cfg.mode == RunMode.RUN:
-        raise ValueError(
-            f"+experiment={preset} is a sweep: add -m (python -m experiments.run -m +experiment={preset})"
+        # SystemExit: the message alone, not a traceback of this check
+        raise SystemExit(
+            f"error: +experiment={preset} is a sweep: add -m "
+            f"(python -m experiments.run -m +experiment={preset})"
         )
 
 
