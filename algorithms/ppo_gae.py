@@ -18,10 +18,12 @@ The loss is PPO's clipped surrogate plus the clipped value loss (``backbone.loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from algorithms.base import Algorithm, Policy
+from algorithms.base import Algorithm, AlgorithmConfig, Policy, register
 from backbone.batch import Batch, Rollouts
 from backbone.losses import clipped_policy_loss, clipped_value_loss
 from backbone.ops import masked_mean, masked_whiten
@@ -55,31 +57,24 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
-class PPOGAE(Algorithm):
-    samples_per_prompt = 1
-    needs_critic = True
+@dataclass
+class PPOGAEConfig(AlgorithmConfig):
+    """Multi-step PPO with a per-token KL penalty, a critic and GAE (trlx)."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        lr: float,
-        ppo_epochs: int,
-        minibatch_size: int,
-        gamma: float,
-        lam: float,
-        cliprange: float,
-        cliprange_value: float,
-        vf_coef: float,
-        whiten_advantages: bool,
-    ):
-        super().__init__(name, lr, ppo_epochs, minibatch_size)
-        self.gamma = gamma
-        self.lam = lam
-        self.cliprange = cliprange
-        self.cliprange_value = cliprange_value
-        self.vf_coef = vf_coef
-        self.whiten_advantages = whiten_advantages
+    _target_: str = "algorithms.ppo_gae.PPOGAE"
+    name: str = "ppo_gae"
+    lr: float = 3e-4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.5
+    whiten_advantages: bool = True
+
+
+@register(PPOGAEConfig)
+class PPOGAE(Algorithm):
+    needs_critic = True
 
     def prepare(self, rollouts: Rollouts) -> Batch:
         if rollouts.values is None:

@@ -32,16 +32,22 @@ baseline (``train/advantage_mean``, ``train/advantage_std``): the source's criti
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor
 
-from algorithms.base import Algorithm, Policy
+from algorithms.base import Algorithm, AlgorithmConfig, Policy, register
 from backbone.batch import Batch, Rollouts
+from backbone.config import choice
 from backbone.losses import clipped_policy_loss, clipped_value_loss
 from backbone.ops import global_masked_mean_var, masked_mean, masked_sum, masked_whiten
+from backbone.sources import Online
 
-BASELINES = ("sampled_mean", "leave_one_out", "critic", "critic_coati")
+Baseline = choice("Baseline", "sampled_mean leave_one_out critic critic_coati", __name__)
 CRITIC_BASELINES = ("critic", "critic_coati")
+# the critic's own knobs, read only where a baseline is a critic
+CRITIC_KEYS = ("cliprange_value", "vf_coef")
 
 
 def _group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,36 +71,51 @@ def leave_one_out_baseline(rewards: Tensor, group: Tensor) -> Tensor:
     return (sums[index] - rewards) / (counts[index] - 1)
 
 
+@dataclass
+class PPOSampledConfig(AlgorithmConfig):
+    """Single-step PPO: n samples per prompt, advantage = sequence reward - baseline."""
+
+    _target_: str = "algorithms.ppo_sampled.PPOSampled"
+    name: str = "ppo_sampled"
+    lr: float = 3e-4
+    samples_per_prompt: int = 4
+    # sampled_mean | leave_one_out | critic (V of the prompt) | critic_coati (ColossalAI-Chat's critic:
+    # its values averaged over the whole sequence)
+    baseline: Baseline = Baseline.sampled_mean
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.5
+    whiten_advantages: bool = False
+
+
+@register(PPOSampledConfig)
 class PPOSampled(Algorithm):
-    def __init__(
-        self,
-        name: str,
-        lr: float,
-        ppo_epochs: int,
-        minibatch_size: int,
-        samples_per_prompt: int = 4,
-        baseline: str = "sampled_mean",
-        cliprange: float = 0.2,
-        cliprange_value: float = 0.2,
-        vf_coef: float = 0.5,
-        whiten_advantages: bool = False,
-    ):
-        super().__init__(name, lr, ppo_epochs, minibatch_size)
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-        if samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-        if baseline not in CRITIC_BASELINES and samples_per_prompt < 2:
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.baseline not in CRITIC_BASELINES and self.samples_per_prompt < 2:
             # n = 1: the sampled mean is the reward itself (A = 0) and leave-one-out has no others
-            raise ValueError(f"baseline={baseline} needs samples_per_prompt >= 2, got {samples_per_prompt}")
-        self.samples_per_prompt = samples_per_prompt
-        self.baseline = baseline
-        self.needs_critic = baseline in CRITIC_BASELINES
-        self.values_per = "sequence" if baseline == "critic_coati" else "token"
-        self.cliprange = cliprange
-        self.cliprange_value = cliprange_value
-        self.vf_coef = vf_coef
-        self.whiten_advantages = whiten_advantages
+            raise ValueError(
+                f"baseline={self.baseline} needs samples_per_prompt >= 2, got {self.samples_per_prompt}"
+            )
+        self.needs_critic = self.baseline in CRITIC_BASELINES
+        self.values_per = "sequence" if self.baseline == "critic_coati" else "token"
+
+    @property
+    def source(self) -> Online:
+        return Online(self.samples_per_prompt)
+
+    def check(self, cfg) -> list[str]:
+        if self.needs_critic:
+            return []
+        defaults = {f.name: f.default for f in fields(self.Config)}
+        return [
+            f"algorithm.{key}={getattr(self, key)}: {self.name} trains no critic "
+            f"with baseline={self.baseline}"
+            for key in CRITIC_KEYS
+            if getattr(self, key) != defaults[key]
+        ]
 
     def critic_value(self, values: Tensor) -> Tensor:
         """The critic's value the baseline reads, [B]: V(prompt), the first response position of the

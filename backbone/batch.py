@@ -37,6 +37,9 @@ class Rollouts:
     # [B] True for the policy's samples, False for responses taken from the data (RRHF's chosen
     # candidates); None: all sampled. Only sampled rows count as generated or enter rollout metrics.
     sampled: Tensor | None = None
+    # [B] True on the preferred row of each preference pair (a group of two), False on the other;
+    # None outside preference sources (backbone/sources.py)
+    chosen: Tensor | None = None
     prompts: list[str] | None = None
     responses: list[str] | None = None
 

@@ -31,31 +31,31 @@ class Choice(str, Enum):
     __format__ = str.__format__
 
 
-def _choice(name: str, names: str) -> type[Choice]:
-    return Choice(name, names, module=__name__)  # importable by name: launchers pickle configs
+def choice(name: str, names: str, module: str = __name__) -> type[Choice]:
+    """A ``Choice`` of the space-separated ``names``; ``module`` must be where it is defined, so that it
+    can be imported by name (launchers pickle configs)."""
+    return Choice(name, names, module=module)
 
 
 # where the code that reads a key keeps its own list of names, tests/test_config.py holds the two equal
-RowSchemaName = _choice("RowSchemaName", "preference hh_rlhf rm_static shp stack_exchange_paired")
-DType = _choice("DType", "float32 bfloat16 float16")
-StageInit = _choice("StageInit", "sft base")
-LogprobsSource = _choice("LogprobsSource", "generate forward")
-Pooling = _choice("Pooling", "last mean")
-NormalizeMode = _choice("NormalizeMode", "none rm_stats running")
-KLEstimator = _choice("KLEstimator", "k1 k2 k3")
-KLCoefUnits = _choice("KLCoefUnits", "reward reward_std")
-Scheduler = _choice("Scheduler", "constant linear cosine")
-CriticInit = _choice("CriticInit", "reward reward_last reward_mean sft")
-PeftMode = _choice("PeftMode", "none lora_multi_adapter")
-EngineName = _choice("EngineName", "torch deepspeed")
-Precision = _choice("Precision", "fp32 bf16 fp16")
-LoggerMode = _choice("LoggerMode", "offline online disabled")
-PTXSource = _choice("PTXSource", "sft pretrain")
-Baseline = _choice("Baseline", "sampled_mean leave_one_out critic critic_coati")
-RRHFMode = _choice("RRHFMode", "online offline")
-SeedScope = _choice("SeedScope", "pipeline rl")
-PinnedStage = _choice("PinnedStage", "task sft reward_model")
-Phase = _choice("Phase", "evaluate tune stages")
+RowSchemaName = choice("RowSchemaName", "preference hh_rlhf rm_static shp stack_exchange_paired")
+DType = choice("DType", "float32 bfloat16 float16")
+StageInit = choice("StageInit", "sft base")
+LogprobsSource = choice("LogprobsSource", "generate forward")
+Pooling = choice("Pooling", "last mean")
+NormalizeMode = choice("NormalizeMode", "none rm_stats running")
+KLEstimator = choice("KLEstimator", "k1 k2 k3")
+KLCoefUnits = choice("KLCoefUnits", "reward reward_std")
+Scheduler = choice("Scheduler", "constant linear cosine")
+CriticInit = choice("CriticInit", "reward reward_last reward_mean sft")
+PeftMode = choice("PeftMode", "none lora_multi_adapter")
+EngineName = choice("EngineName", "torch deepspeed")
+Precision = choice("Precision", "fp32 bf16 fp16")
+LoggerMode = choice("LoggerMode", "offline online disabled")
+PTXSource = choice("PTXSource", "sft pretrain")
+SeedScope = choice("SeedScope", "pipeline rl")
+PinnedStage = choice("PinnedStage", "task sft reward_model")
+Phase = choice("Phase", "evaluate tune stages")
 
 # --------------------------------------------------------------------------- task
 
@@ -405,72 +405,6 @@ class EMAConfig:
     decay: float = 0.992
 
 
-# --------------------------------------------------------------------------- algorithms
-
-
-@dataclass
-class AlgorithmConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-    lr: float = 1e-4
-    # passes over each rollout batch and responses per gradient step
-    ppo_epochs: int = 4
-    minibatch_size: int = 16
-
-
-@dataclass
-class PPOGAEConfig(AlgorithmConfig):
-    """Multi-step PPO with a per-token KL penalty, a critic and GAE (trlx)."""
-
-    _target_: str = "algorithms.ppo_gae.PPOGAE"
-    name: str = "ppo_gae"
-    lr: float = 3e-4
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.5
-    whiten_advantages: bool = True
-
-
-@dataclass
-class PPOSampledConfig(AlgorithmConfig):
-    """Single-step PPO: n samples per prompt, advantage = sequence reward - baseline."""
-
-    _target_: str = "algorithms.ppo_sampled.PPOSampled"
-    name: str = "ppo_sampled"
-    lr: float = 3e-4
-    samples_per_prompt: int = 4
-    # sampled_mean | leave_one_out | critic (V of the prompt) | critic_coati (ColossalAI-Chat's critic:
-    # its values averaged over the whole sequence)
-    baseline: Baseline = Baseline.sampled_mean
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.5
-    whiten_advantages: bool = False
-
-
-@dataclass
-class RRHFConfig(AlgorithmConfig):
-    """RRHF: rank k sampled responses by reward; hinge ranking loss + SFT on the best."""
-
-    _target_: str = "algorithms.rrhf.RRHF"
-    name: str = "rrhf"
-    lr: float = 1e-4
-    samples_per_prompt: int = 4
-    ppo_epochs: int = 1
-    # the paper's L = L_rank + L_sft has weight 1; on toy_reviews that weight drives the policy off
-    # the grammar (the hinge pushes down every token of worse samples) and gold falls while the
-    # proxy reward rises, so the default is 0.1; sweep algorithm.rank_weight to see it
-    rank_weight: float = 0.1
-    sft_weight: float = 1.0
-    length_penalty: float = 1.0
-    # online: generate a small batch, train on it, repeat; offline: generate for all prompts first
-    mode: RRHFMode = RRHFMode.online
-    # rank the task's chosen response to each prompt beside the k samples
-    include_chosen: bool = False
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -555,11 +489,6 @@ def register_configs() -> None:
             "preference_blend_schema": BlendConfig,
         },
         "model": {"model_schema": ModelConfig},
-        "algorithm": {
-            "ppo_gae_schema": PPOGAEConfig,
-            "ppo_sampled_schema": PPOSampledConfig,
-            "rrhf_schema": RRHFConfig,
-        },
         "rollout": {"rollout_schema": RolloutConfig},
         "reward": {"reward_schema": RewardConfig},
         "kl": {"kl_schema": KLConfig},
@@ -572,3 +501,8 @@ def register_configs() -> None:
     for group, schemas in groups.items():
         for name, node in schemas.items():
             cs.store(group=group, name=name, node=node)
+    # every registered algorithm's schema is the option algorithm=<name> itself, with its defaults
+    from algorithms import REGISTRY  # algorithms import the backbone: registered once both are loaded
+
+    for name, algorithm in REGISTRY.items():
+        cs.store(group="algorithm", name=name, node=algorithm.Config)

@@ -188,6 +188,61 @@ class RolloutCollector:
             group = torch.cat([group, torch.arange(len(prompts), device=self.device)])
             sampled = torch.arange(len(group), device=self.device) < len(prompts) * samples_per_prompt
             row_prompts = [*row_prompts, *prompts]
+        return self.score(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            group + group_offset,
+            row_prompts,
+            kl_coef,
+            sampled=sampled,
+            generated_logits=generated_logits,
+            with_values=with_values,
+            update_stats=update_stats,
+        )
+
+    @torch.no_grad()
+    def collect_given(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        kl_coef: float = 0.0,
+        with_values: bool = False,
+        group_size: int = 2,
+        update_stats: bool = True,
+    ) -> Rollouts:
+        """Given (prompt, response) rows, teacher-forced and scored as ``collect`` scores samples; rows
+        ``group_size`` at a time share a group (a preference pair: chosen, rejected). None is sampled."""
+        prompt_ids, prompt_mask = self.encode_prompts(prompts, 1)  # [B, P]
+        response_ids = self.encode_responses(responses)  # [B, T]
+        group = torch.arange(len(prompts), device=self.device) // group_size
+        sampled = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        return self.score(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            group,
+            list(prompts),
+            kl_coef,
+            sampled=sampled,
+            with_values=with_values,
+            update_stats=update_stats,
+        )
+
+    def score(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        response_ids: Tensor,
+        group: Tensor,
+        prompts: list[str],
+        kl_coef: float,
+        sampled: Tensor | None = None,
+        generated_logits: tuple[Tensor, ...] | None = None,
+        with_values: bool = False,
+        update_stats: bool = True,
+    ) -> Rollouts:
+        """The finished sequences' log-probs (actor and reference), KL, values, scores and gold."""
         response_mask, ended = response_mask_upto_eos(response_ids, self.tokenizer.eos_token_id)
         response_ids = torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id)
         rollouts = Rollouts(
@@ -195,7 +250,7 @@ class RolloutCollector:
             prompt_mask=prompt_mask,
             response_ids=response_ids,
             response_mask=response_mask,
-            group=group + group_offset,
+            group=group,
             sampled=sampled,
             logprobs=torch.empty(0),
             ref_logprobs=torch.empty(0),
@@ -203,7 +258,7 @@ class RolloutCollector:
             scores=torch.empty(0),
             rewards=torch.empty(0),
             kl_coef=kl_coef,
-            prompts=row_prompts,
+            prompts=prompts,
         )
         with self.timer.phase("actor_forward"):
             logprobs = F.log_softmax(

@@ -2,7 +2,8 @@
 
     evaluate (iteration 0: the SFT policy)
     for each iteration:
-        collect   prompts -> n responses each -> log-probs, reference log-probs, values, rewards
+        collect   the algorithm's data source: a batch of responses with log-probs, reference
+                  log-probs, values and rewards (sampled now, sampled up front, or given pairs)
         prepare   algorithm.prepare(rollouts): advantages / returns / ranks (no grad)
         update    E epochs x minibatches of algorithm.loss -> backward -> clip -> step
         control   KL controller update with the measured KL
@@ -13,6 +14,9 @@
 Every algorithm is measured with the same KL: per response, the sum over its tokens of
 log pi - log pi_ref (k1), then the mean over responses (``rollout/kl_mean``), whatever
 estimator the algorithm's own shaping uses.
+
+The trainer is given what it runs, built (backbone/build.py): the data source, the engine, the
+KL controller, PTX, EMA and the checkpoint manager; it reads no config.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from scipy.integrate import trapezoid
 
 from algorithms.base import Algorithm
@@ -35,46 +39,16 @@ from backbone import distributed
 from backbone.batch import Batch, Rollouts
 from backbone.checkpoint import CheckpointManager
 from backbone.ema import EMA
-from backbone.engine import build_engine
-from backbone.kl import build_kl_controller
+from backbone.kl import KLController
 from backbone.progress import progress
 from backbone.ptx import PTXMixer
 from backbone.rng import rng_state, set_rng_state
 from backbone.rollout import RolloutCollector
+from backbone.sources import DataSource
 from backbone.tasks.base import Task
 from backbone.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class PromptStream:
-    """An endless, seeded, reshuffled-every-epoch stream of RL prompts (position is resumable)."""
-
-    def __init__(self, prompts: list[str], seed: int):
-        if not prompts:
-            raise ValueError("the task has no RL prompts")
-        self.prompts = prompts
-        self.seed = seed
-        self.position = 0
-
-    def take(self, n: int) -> list[str]:
-        out = []
-        for _ in range(n):
-            epoch, index = divmod(self.position, len(self.prompts))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
-            out.append(self.prompts[order[index]])
-            self.position += 1
-        return out
-
-
-def prompts_per_iteration(samples_per_iteration: int, algorithm: Algorithm) -> int:
-    n = algorithm.samples_per_prompt
-    if samples_per_iteration % n:
-        raise ValueError(
-            f"rollout.samples_per_iteration={samples_per_iteration} is not a multiple of "
-            f"{algorithm.name}'s samples_per_prompt={n}"
-        )
-    return samples_per_iteration // n
 
 
 def planned_iterations(cfg) -> int:
@@ -163,74 +137,66 @@ class NonFiniteTraining(RuntimeError):
     """Too many optimiser steps in a row had a non-finite loss or gradient."""
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long the loop runs and when it evaluates, logs and checkpoints."""
+
+    iterations: int
+    # budget units (the source's: samples or pairs) each iteration consumes
+    units_per_iteration: int
+    # rows per minibatch on this rank (the algorithm's minibatch over the ranks)
+    minibatch_size: int
+    eval_every: int
+    eval_every_samples: int | None
+    eval_samples: int
+    checkpoint_every: int
+    max_nonfinite_steps: int
+    table_every: int
+    seed: int
+
+
 class Trainer:
     def __init__(
         self,
-        cfg,
+        schedule: Schedule,
         task: Task,
         algorithm: Algorithm,
+        source: DataSource,
         collector: RolloutCollector,
+        engine,
+        kl_ctl: KLController,
+        ptx: PTXMixer,
+        ema: EMA | None,
+        checkpoints: CheckpointManager,
         tracker: Tracker,
-        run_dir: str | Path,
+        config: dict,
     ):
-        self.cfg = cfg
+        self.schedule = schedule
+        self.iterations = schedule.iterations
         self.task = task
         self.algorithm = algorithm
+        self.source = source
         self.collector = collector
         self.stack = collector.stack
-        self.tracker = tracker
         self.timer = collector.timer
-        beta = collector.shaper.kl_coef(cfg.kl.coef, cfg.kl.coef_units)
-        self.kl_ctl = build_kl_controller(beta, cfg.kl.target, cfg.kl.horizon)
-        self.prompts = PromptStream(task.rl_prompts(), cfg.seed)
-        self.prompts_per_iteration = prompts_per_iteration(cfg.rollout.samples_per_iteration, algorithm)
-        self.iterations = planned_iterations(cfg)
-        critic_lr = cfg.optim.critic_lr * cfg.optim.lr_scale if cfg.optim.critic_lr else None
-        steps_per_iteration = algorithm.ppo_epochs * -(
-            -cfg.rollout.samples_per_iteration // algorithm.minibatch_size
-        )
-        self.engine = build_engine(
-            self.stack,
-            self.stack.parameter_groups(algorithm.lr * cfg.optim.lr_scale, critic_lr),
-            cfg,
-            total_steps=self.iterations * steps_per_iteration,
-            minibatch_size=algorithm.minibatch_size,
-        )
-        self.ptx = PTXMixer(
-            task,
-            collector.tokenizer,
-            cfg.model.max_length,
-            cfg.ptx.coef,
-            cfg.ptx.source,
-            cfg.ptx.batch_size,
-            collector.device,
-            cfg.seed,
-        )
-        self.ema = EMA(self.stack.role_parameters("actor"), cfg.ema.decay) if cfg.ema.enabled else None
-        self.chosen_responses(sorted(set(self.prompts.prompts)))  # every RL prompt has one, or fail now
-        self.prompts_truncated = collector.count_truncated([*self.prompts.prompts, *task.eval_prompts()])
-        if self.prompts_truncated:
-            log.warning(
-                "%d RL and eval prompts are longer than model.max_length - rollout.max_new_tokens = %d "
-                "tokens; they are cut from the left (their start is lost)",
-                self.prompts_truncated,
-                collector.max_prompt_len,
-            )
-        self.checkpoints = CheckpointManager(
-            Path(run_dir) / "checkpoints", keep=cfg.keep_checkpoints, tokenizer=collector.tokenizer
-        )
-        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+        self.engine = engine
+        self.kl_ctl = kl_ctl
+        self.ptx = ptx
+        self.ema = ema
+        self.checkpoints = checkpoints
+        self.tracker = tracker
+        self.config = config  # the run's resolved config, kept in every checkpoint
+        self.shuffle = torch.Generator().manual_seed(schedule.seed)
         self.iteration = 0
-        self.samples = 0
+        self.samples = 0  # responses generated (not given, not evaluation's)
         self.tokens = 0
-        # the compute an arm spent, beside its samples: optimiser steps taken and the tokens that went
+        # the compute an arm spent, beside its budget: optimiser steps taken and the tokens that went
         # through the actor's forward and backward (prompt + response, once per epoch)
         self.optimizer_steps = 0
         self.tokens_trained = 0
-        self.eval_curve: list[tuple[int, dict[str, float]]] = []  # (samples consumed, eval row)
+        self.eval_curve: list[tuple[int, dict[str, float]]] = []  # (budget consumed, eval row)
         self.nonfinite_steps = 0  # skipped optimiser steps, in all
         self.nonfinite_in_a_row = 0
-        self.offline_buffer: list[Rollouts] = []
         self.first_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.sigterm = False
@@ -246,9 +212,9 @@ class Trainer:
                     self.first_eval = self.last_eval = self.evaluate()
                 self.eval_curve.append((0, self.first_eval))
                 self.log_row({**self.first_eval, **self.timer.pop()})
-                if self.algorithm.offline:
-                    with self.timer.phase("rollout"):
-                        self.collect_offline_buffer()
+                with self.timer.phase("rollout"):
+                    self.source.start(self.iterations)
+                self.count_generated()
             bar = progress(
                 range(self.iteration + 1, self.iterations + 1),
                 desc=self.algorithm.name,
@@ -259,13 +225,14 @@ class Trainer:
             for iteration in bar:
                 self.iteration = iteration
                 row = self.train_iteration()
-                reward, kl = row["rollout/reward_mean"], row["rollout/kl_mean"]
-                bar.set_postfix(reward=f"{reward:.2f}", kl=f"{kl:.2f}", refresh=False)
+                postfix = {"reward": row.get("rollout/reward_mean"), "kl": row.get("rollout/kl_mean")}
+                bar.set_postfix({k: f"{v:.2f}" for k, v in postfix.items() if v is not None}, refresh=False)
         return self.summary()
 
     def train_iteration(self) -> dict[str, float]:
         with self.timer.phase("rollout"):
-            rollouts = self.collect()
+            rollouts = self.source.next(self.iteration, self.kl_ctl.value)
+        self.count_generated()
         with self.timer.phase("prepare"), torch.no_grad():
             batch = self.algorithm.prepare(rollouts)
         with self.timer.phase("update"):
@@ -273,20 +240,23 @@ class Trainer:
         # every rank steps its KL controller with the same, global, measure
         row = distributed.mean_over_ranks(row)
         row["kl/coef"] = self.kl_ctl.value
-        # the shared measure over the policy's own samples drives the controller
-        self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.cfg.rollout.samples_per_iteration)
+        # the shared measure over the policy's own samples drives the controller (a source that
+        # generates nothing leaves it as it is)
+        if "rollout/kl_mean" in row:
+            self.kl_ctl.update(row["rollout/kl_mean"], n_steps=self.schedule.units_per_iteration)
         iteration = self.iteration
         if self.evaluation_due(iteration):
             with self.timer.phase("eval"):
                 self.last_eval = self.evaluate()
-            self.eval_curve.append((self.samples_consumed(iteration), self.last_eval))
+            self.eval_curve.append((self.budget_consumed(iteration), self.last_eval))
             row.update(self.last_eval)
         # the row is written before the checkpoint that covers it, so a resume never lacks it;
         # logging and checkpointing are timed into the next row
         with self.timer.phase("log"):
             self.log_row({**row, **self.timer.pop()})
-        diverged = self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps
-        due = iteration % self.cfg.checkpoint_every == 0 or iteration == self.iterations
+        max_nonfinite = self.schedule.max_nonfinite_steps
+        diverged = self.nonfinite_in_a_row >= max_nonfinite
+        due = iteration % self.schedule.checkpoint_every == 0 or iteration == self.iterations
         # a signal that reached any rank stops them all after the same iteration
         self.sigterm = not distributed.all_ranks(not self.sigterm)
         if due or diverged or self.sigterm:
@@ -295,7 +265,7 @@ class Trainer:
         if diverged:
             raise NonFiniteTraining(
                 f"{self.nonfinite_in_a_row} optimiser steps in a row had a non-finite loss or gradient "
-                f"(optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps}); none reached the "
+                f"(optim.max_nonfinite_steps={max_nonfinite}); none reached the "
                 f"weights, which are saved in {checkpoint}. Lower the learning rate (algorithm.lr or "
                 f"optim.lr_scale), or look at train/* and rollout/* in the last rows of the history."
             )
@@ -303,19 +273,16 @@ class Trainer:
             raise Preempted(f"SIGTERM: stopped after iteration {iteration}, checkpoint {checkpoint}")
         return row
 
-    def samples_consumed(self, iteration: int) -> int:
-        """Samples the updates up to ``iteration`` have trained on: the axis evaluations are spaced on
-        (an offline buffer is generated up front, so ``samples`` would not do)."""
-        return iteration * self.cfg.rollout.samples_per_iteration
+    def budget_consumed(self, iteration: int) -> int:
+        """Budget units (the source's: samples or pairs) the updates up to ``iteration`` have trained on:
+        the axis runs are compared on and evaluations spaced on (a frozen buffer is generated up front,
+        and given pairs not at all, so ``samples`` would not do)."""
+        return iteration * self.schedule.units_per_iteration
 
     def evaluation_due(self, iteration: int) -> bool:
-        rollout = self.cfg.rollout
+        s = self.schedule
         return evaluation_due(
-            iteration,
-            self.iterations,
-            rollout.samples_per_iteration,
-            rollout.eval_every,
-            rollout.eval_every_samples,
+            iteration, self.iterations, s.units_per_iteration, s.eval_every, s.eval_every_samples
         )
 
     @contextmanager
@@ -337,54 +304,9 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def collect(self) -> Rollouts:
-        if self.algorithm.offline:
-            return self.offline_buffer[self.iteration - 1]
-        return self.collect_next()
-
-    def collect_offline_buffer(self) -> None:
-        """Offline algorithms: the whole sample budget is generated by the initial policy, up front
-        (group ids stay unique across the buffer)."""
-        for i in progress(range(self.iterations), desc="offline rollouts"):
-            self.offline_buffer.append(self.collect_next(group_offset=i * self.prompts_per_iteration))
-
-    def collect_next(self, group_offset: int = 0) -> Rollouts:
-        """The next prompts of the stream, n samples each (plus the task's chosen responses when the
-        algorithm ranks them), counted. Under several ranks each takes its share of the prompts."""
-        prompts = self.prompts.take(self.prompts_per_iteration)[
-            distributed.rank() :: distributed.world_size()
-        ]
-        rollouts = self.collector.collect(
-            prompts,
-            self.algorithm.samples_per_prompt,
-            self.kl_ctl.value,
-            self.algorithm.needs_critic,
-            group_offset=group_offset,
-            given_responses=self.chosen_responses(prompts),
-        )
-        self.count(rollouts)
-        return rollouts
-
-    def count(self, rollouts: Rollouts) -> None:
-        """Generated samples and tokens: responses taken from data are not generated."""
-        lengths = rollouts.response_lengths
-        if rollouts.sampled is not None:
-            lengths = lengths[rollouts.sampled]
-        self.samples += int(distributed.sum_over_ranks(len(lengths)))
-        self.tokens += int(distributed.sum_over_ranks(int(lengths.sum())))
-
-    def chosen_responses(self, prompts: list[str]) -> list[str] | None:
-        """The task's chosen response to each prompt, for algorithms that rank them beside samples."""
-        if not self.algorithm.include_chosen:
-            return None
-        chosen = [self.task.chosen_response(p) for p in prompts]
-        missing = [p for p, c in zip(prompts, chosen) if c is None]
-        if missing:
-            raise ValueError(
-                f"algorithm.include_chosen: task {self.task.name!r} has no chosen response for prompt "
-                f"{missing[0]!r} (and {len(missing) - 1} more of this batch)"
-            )
-        return chosen
+    def count_generated(self) -> None:
+        """Responses (and their tokens) the source has generated, over all ranks."""
+        self.samples, self.tokens = self.source.samples, self.source.tokens
 
     def update(self, batch: Batch) -> dict[str, float]:
         """E epochs over the batch in minibatches that keep each prompt's samples together; steps
@@ -403,7 +325,7 @@ class Trainer:
             grad_norm = self.optimizer_step(total)
             if grad_norm is None:
                 skipped += 1
-                if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
+                if self.nonfinite_in_a_row >= self.schedule.max_nonfinite_steps:
                     break
                 continue
             steps += 1
@@ -425,7 +347,7 @@ class Trainer:
 
     def minibatches(self, batch: Batch) -> Iterator[Batch]:
         for _ in range(self.algorithm.ppo_epochs):
-            yield from batch.minibatches(self.algorithm.minibatch_size, self.shuffle)
+            yield from batch.minibatches(self.schedule.minibatch_size, self.shuffle)
 
     def optimizer_step(self, total: torch.Tensor) -> float | None:
         """Backward and step; the gradient norm, or None when the step was skipped: a non-finite
@@ -451,18 +373,16 @@ class Trainer:
         several ranks each evaluates its share and the means are over all of them."""
         prompts = distributed.shard(self.task.eval_prompts())
         with self.evaluation_noise():
-            sampled = self.collector.collect(prompts, self.cfg.rollout.eval_samples, update_stats=False)
+            sampled = self.collector.collect(prompts, self.schedule.eval_samples, update_stats=False)
         greedy = self.collector.collect(prompts, 1, greedy=True, update_stats=False)
         row = {**rollout_metrics(sampled, "eval"), **rollout_metrics(greedy, "eval/greedy")}
         row.update(self.ptx.eval_losses(self.stack.actor, "eval"))
         if self.ema is not None:
             with self.ema.applied(), self.evaluation_noise():  # the live actor's noise: a paired comparison
-                ema_sampled = self.collector.collect(
-                    prompts, self.cfg.rollout.eval_samples, update_stats=False
-                )
+                ema_sampled = self.collector.collect(prompts, self.schedule.eval_samples, update_stats=False)
                 row.update(rollout_metrics(ema_sampled, "eval_ema"))
                 row.update(self.ptx.eval_losses(self.stack.actor, "eval_ema"))
-        table_every = self.cfg.logger.table_every
+        table_every = self.schedule.table_every
         if table_every and self.iteration % table_every == 0:
             columns = ["prompt", "response", "reward", "gold"]
             gold = sampled.gold.tolist() if sampled.gold is not None else [None] * len(sampled)
@@ -477,7 +397,7 @@ class Trainer:
         RNG afterwards, so the training stream never depends on how often it is evaluated."""
         device = self.collector.device
         seed = np.random.SeedSequence(
-            [self.cfg.seed, self.samples_consumed(self.iteration), distributed.rank()]
+            [self.schedule.seed, self.budget_consumed(self.iteration), distributed.rank()]
         ).generate_state(1)[0]
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(int(seed))
@@ -488,6 +408,7 @@ class Trainer:
     def step_keys(self) -> dict[str, float]:
         return {
             "iteration": self.iteration,
+            "budget": self.budget_consumed(self.iteration),
             "samples": self.samples,
             "tokens": self.tokens,
             "optimizer_steps": self.optimizer_steps,
@@ -513,16 +434,15 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_shaper": self.collector.shaper.state_dict(),
-            "prompt_position": self.prompts.position,
+            "source": self.source.state_dict(),
             "ptx": self.ptx.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "shuffle_rng": self.shuffle.get_state(),
             "rng": rng_state(),
-            "offline_buffer": [rollouts.state_dict() for rollouts in self.offline_buffer],
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
             "wandb_run_id": self.tracker.run_id,
-            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
+            "config": self.config,
         }
 
     def load_state(self, state: dict, checkpoint: Path) -> None:
@@ -537,30 +457,26 @@ class Trainer:
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.collector.shaper.load_state_dict(state["reward_shaper"])
-        self.prompts.position = state["prompt_position"]
+        self.source.load_state_dict(state["source"])
         self.ptx.load_state_dict(state["ptx"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.shuffle.set_state(state["shuffle_rng"])
         set_rng_state(state["rng"])
-        device = self.collector.device
-        self.offline_buffer = [Rollouts.from_state_dict(r, device) for r in state["offline_buffer"]]
         self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
 
     def summary(self) -> dict:
         first_eval, last_eval = self.first_eval, self.last_eval
         summary = {
             "algorithm": self.algorithm.name,
-            "seed": self.cfg.seed,
-            "task": self.task.name,
-            "model": self.cfg.model.name,
             "iterations": self.iteration,
+            "budget": self.budget_consumed(self.iteration),
+            "budget_unit": self.source.unit,
             "samples": self.samples,
             "tokens": self.tokens,
             "optimizer_steps": self.optimizer_steps,
             "tokens_trained": self.tokens_trained,
             "nonfinite_steps": self.nonfinite_steps,
-            "prompts_truncated": self.prompts_truncated,
             "wall_time_s": time.perf_counter() - self.start_time,
         }
         for key in (

@@ -8,18 +8,15 @@ names every offending key. And only the sandbox's own classes may be named by a 
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
-
 from omegaconf import DictConfig, OmegaConf
 
 from algorithms.base import Algorithm
 from backbone import distributed
 from backbone.config import CriticConfig
 from backbone.engine import deepspeed_config, micro_batch_size
+from backbone.sources import groups_per_iteration
 
 TARGET_PACKAGES = ("backbone.", "algorithms.")
-# an algorithm's own critic settings (ppo_sampled has them for baseline=critic)
-CRITIC_KEYS = ("vf_coef", "cliprange_value")
 AT_LEAST_ONE = (
     "rollout.samples_per_iteration",
     "rollout.max_new_tokens",
@@ -56,16 +53,15 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
             f"rollout.eval_every_samples={every}: must be a positive multiple of "
             f"rollout.samples_per_iteration={rollout.samples_per_iteration}"
         )
-    n = algorithm.samples_per_prompt
-    if rollout.samples_per_iteration % n:
-        problems.append(
-            f"rollout.samples_per_iteration={rollout.samples_per_iteration} is not a multiple of "
-            f"algorithm.samples_per_prompt={n}"
-        )
-    # the batch an update sees: the samples, plus one chosen response per prompt when ranked with them
-    chosen = rollout.samples_per_iteration // n if algorithm.include_chosen else 0
-    batch = rollout.samples_per_iteration + chosen
-    if algorithm.minibatch_size > batch:
+    spec = algorithm.source
+    groups = 0
+    try:
+        groups = groups_per_iteration(spec, rollout.samples_per_iteration)
+    except ValueError as error:
+        problems.append(str(error))
+    # the batch an update sees: every row of the iteration's groups (samples, given responses, pairs)
+    batch = groups * spec.group_size
+    if groups and algorithm.minibatch_size > batch:
         problems.append(
             f"algorithm.minibatch_size={algorithm.minibatch_size} is larger than the batch of {batch} "
             f"responses per iteration (rollout.samples_per_iteration={rollout.samples_per_iteration})"
@@ -75,13 +71,10 @@ def check_run_config(cfg: DictConfig, algorithm: Algorithm) -> None:
             problems.append(f"optim.critic_lr={cfg.optim.critic_lr}: {algorithm.name} trains no critic")
         if cfg.critic.init != CriticConfig.init:
             problems.append(f"critic.init={cfg.critic.init!r}: {algorithm.name} trains no critic")
-        problems += [
-            f"algorithm.{key}={cfg.algorithm[key]}: {algorithm.name} trains no critic here"
-            for key, default in _schema_defaults(cfg.algorithm).items()
-            if key in CRITIC_KEYS and cfg.algorithm[key] != default
-        ]
+    problems += algorithm.check(cfg)
     problems += _peft_problems(cfg)
-    problems += _engine_problems(cfg, rollout.samples_per_iteration // n, algorithm.minibatch_size)
+    if groups:
+        problems += _engine_problems(cfg, groups, algorithm.minibatch_size)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -111,8 +104,8 @@ def _engine_problems(cfg: DictConfig, prompts_per_iteration: int, minibatch_size
     problems = []
     if prompts_per_iteration % world:
         problems.append(
-            f"{prompts_per_iteration} prompts per iteration cannot be shared equally by {world} ranks "
-            f"(rollout.samples_per_iteration / algorithm.samples_per_prompt)"
+            f"{prompts_per_iteration} prompts (or pairs) per iteration cannot be shared equally by {world} "
+            f"ranks (rollout.samples_per_iteration / algorithm.samples_per_prompt)"
         )
     if engine.name != "deepspeed":
         if world > 1:
@@ -134,11 +127,3 @@ def _engine_problems(cfg: DictConfig, prompts_per_iteration: int, minibatch_size
     if engine.zero_stage == 3 and cfg.ema.enabled:
         problems.append("ema.enabled with ZeRO-3: the EMA keeps whole weights, which ZeRO-3 partitions")
     return problems
-
-
-def _schema_defaults(node: DictConfig) -> dict:
-    """The defaults of the dataclass a config node was validated against (none for a plain node)."""
-    schema = OmegaConf.get_type(node)
-    if not is_dataclass(schema):
-        return {}
-    return {f.name: getattr(schema, f.name) for f in fields(schema) if hasattr(schema, f.name)}

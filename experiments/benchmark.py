@@ -81,6 +81,7 @@ from torch import nn
 from algorithms.base import Algorithm
 from analysis.records import job_folders
 from backbone.batch import Batch, Rollouts
+from backbone.build import build_collector, build_trainer
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
 from backbone.lora import add_lora
@@ -99,11 +100,10 @@ from backbone.models import (
 from backbone.provenance import environment
 from backbone.rng import apply_seed_scope, seed_everything
 from backbone.rollout import RolloutCollector
+from backbone.sources import Frozen, Online
 from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows, stage_rows_to
 from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
-from backbone.trainer import Trainer
-from experiments.run import build_collector
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NEVER = 10**9  # an evaluation or checkpoint interval that no benchmark reaches
@@ -193,10 +193,10 @@ def train_and_record(
     returns the history rows, the collector (with its batches) and the algorithm."""
     task = instantiate(cfg.task)
     algorithm = instantiate(cfg.algorithm)
-    if algorithm.offline:
+    if not isinstance(algorithm.source, Online) or isinstance(algorithm.source, Frozen):
         raise ValueError(
-            f"{algorithm.name}: an offline algorithm generates its whole budget before the first "
-            "iteration, so its iterations have no rollout to time; benchmark mode=online"
+            f"{algorithm.name}: its batches are not sampled in its iterations (sampled up front, or given "
+            "pairs), so they have no rollout to time; benchmark algorithm.mode=online"
         )
     stages = prepare_stages(cfg, task, stage_rows_to(lambda row: None))
     reset_peak_memory(device)
@@ -215,7 +215,7 @@ def train_and_record(
             config={},
         )
         with tracker:
-            Trainer(cfg, task, algorithm, collector, tracker, run_dir).run()
+            build_trainer(cfg, task, algorithm, collector, tracker, run_dir).run()
         rows = [json.loads(line) for line in (Path(run_dir) / "history.jsonl").read_text().splitlines()]
     return rows, collector, algorithm
 
@@ -338,7 +338,7 @@ def bench_iteration(overrides: list[str], iterations: int, warmup: int) -> dict:
         "overrides": overrides,
         "shape": {
             "samples_per_iteration": cfg.rollout.samples_per_iteration,
-            "samples_per_prompt": algorithm.samples_per_prompt,
+            "samples_per_prompt": algorithm.source.samples_per_prompt,
             "max_new_tokens": cfg.rollout.max_new_tokens,
             "ppo_epochs": algorithm.ppo_epochs,
             "minibatch_size": algorithm.minibatch_size,

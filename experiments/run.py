@@ -32,24 +32,21 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms.base import Algorithm
 from analysis.run_summary import COLUMNS, format_table, summary_rows
 from backbone import distributed
 from backbone.best_of_n import write_best_of_n
+from backbone.build import build_collector, build_trainer, count_truncated_prompts
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
 from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
-from backbone.models import build_policy_stack, load_tokenizer
 from backbone.provenance import environment
 from backbone.ptx import pretrain_texts
-from backbone.reward import RewardShaper
 from backbone.rng import apply_seed_scope, seed_everything
-from backbone.rollout import RolloutCollector
-from backbone.stages import METRICS_FILE, Log, StageArtifacts, StageBuild, StageLog, prepare_stages
-from backbone.tasks.base import SPLITS, Task
+from backbone.stages import METRICS_FILE, Log, StageBuild, StageLog, prepare_stages
+from backbone.tasks.base import SPLITS
 from backbone.timing import PhaseTimer
 from backbone.tracking import Tracker
-from backbone.trainer import Preempted, Trainer, planned_iterations
+from backbone.trainer import Preempted, planned_iterations
 from backbone.validation import check_run_config, check_targets
 
 log = logging.getLogger("experiments.run")
@@ -272,12 +269,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             # the stages were built in this process or read from the cache
             seed_everything(cfg.seed)
             collector = build_collector(cfg, task, algorithm, stages, device)
-            trainer = Trainer(cfg, task, algorithm, collector, tracker, run_dir)
+            truncated = count_truncated_prompts(task, collector)
+            trainer = build_trainer(cfg, task, algorithm, collector, tracker, run_dir)
             if state is not None:
                 trainer.load_state(state, checkpoint)
             try:
                 with timer.phase("rl"):
                     summary = trainer.run()
+                summary.update(
+                    seed=cfg.seed, task=task.name, model=cfg.model.name, prompts_truncated=truncated
+                )
             except Preempted:
                 tracker.mark_preempting()
                 raise
@@ -293,34 +294,6 @@ def report_end_of_run(tracker: Tracker, run_dir: Path) -> None:
     rows = summary_rows(run_dir)
     log.info("end of run (final = the last evaluation):\n%s", format_table(rows))
     tracker.summary_table("end_of_run", list(COLUMNS), [list(row) for row in rows])
-
-
-def build_collector(
-    cfg: DictConfig,
-    task: Task,
-    algorithm: Algorithm,
-    stages: StageArtifacts,
-    device: torch.device,
-    collector_class: type[RolloutCollector] = RolloutCollector,
-) -> RolloutCollector:
-    """The four roles from the stage artifacts, the reward shaping, and the collector over them."""
-    tokenizer = load_tokenizer(stages.sft, trust_remote_code=cfg.model.trust_remote_code)
-    critic = stages.critic if algorithm.needs_critic else None
-    stack = build_policy_stack(stages.sft, stages.reward, critic, cfg.model, algorithm.values_per).to(device)
-    meta = stack.reward.metadata
-    shaper = RewardShaper(
-        normalize=cfg.reward.normalize,
-        clip=cfg.reward.clip,
-        missing_eos_penalty=cfg.reward.missing_eos_penalty,
-        rm_mean=meta.get("chosen_mean", 0.0),
-        rm_std=meta.get("chosen_std", 1.0),
-    )
-    collector = collector_class(
-        stack, tokenizer, task, shaper, cfg.kl.estimator, cfg.rollout, cfg.model.max_length, device
-    )
-    zero3 = cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3
-    collector.synced_gpus = zero3 and distributed.world_size() > 1
-    return collector
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:

@@ -9,8 +9,8 @@ from conftest import CONF, REPO, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from algorithms import rrhf
-from algorithms.ppo_sampled import BASELINES
+from algorithms.ppo_sampled import Baseline
+from algorithms.rrhf import RRHFMode
 from backbone import config, tracking
 from backbone.kl import ESTIMATORS
 from backbone.models import DTYPES
@@ -114,8 +114,8 @@ def test_choices_reach_code_as_the_strings_it_compares_with():
         (config.KLEstimator, ESTIMATORS),
         (config.LoggerMode, tracking.MODES),
         (config.PTXSource, PTX_SOURCES),
-        (config.Baseline, BASELINES),
-        (config.RRHFMode, rrhf.MODES),
+        (Baseline, ["sampled_mean", "leave_one_out", "critic", "critic_coati"]),
+        (RRHFMode, ["online", "offline"]),
         (config.PinnedStage, STAGE_SEEDS),
     ],
 )

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
 from torch import Tensor
 
 from algorithms.base import PolicyOutput
-from algorithms.ppo_gae import PPOGAE, gae, token_rewards
+from algorithms.ppo_gae import PPOGAE, PPOGAEConfig, gae, token_rewards
 from backbone.batch import Batch, Rollouts
-from backbone.config import PPOGAEConfig
 from backbone.losses import clipped_policy_loss, clipped_value_loss
+from backbone.sources import Online
 
 # three right-padded responses of lengths 4, 2 and 3 (the second truncated or short, all the same here)
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
@@ -30,8 +29,7 @@ REWARDS = _with_pads([[0.1, -0.3, 0.0, 2.0], [-0.5, 1.0, 0, 0], [0.2, 0.2, -1.5,
 
 
 def make_algorithm(**overrides) -> PPOGAE:
-    kwargs = {f.name: f.default for f in fields(PPOGAEConfig) if f.name != "_target_"}
-    return PPOGAE(**{**kwargs, **overrides})
+    return PPOGAE(**overrides)
 
 
 def make_rollouts(
@@ -288,7 +286,7 @@ def test_loss_combines_terms_and_produces_gradients():
         assert (leaf.grad[~MASK.bool()] == 0).all()
 
 
-def test_constructor_takes_exactly_the_config_fields():
-    algorithm = make_algorithm()
-    assert algorithm.samples_per_prompt == 1 and algorithm.needs_critic
+def test_the_schema_holds_the_defaults_once():
+    algorithm = PPOGAE()
+    assert algorithm.source == Online(1) and algorithm.needs_critic
     assert algorithm.lam == PPOGAEConfig.lam and algorithm.whiten_advantages is PPOGAEConfig.whiten_advantages

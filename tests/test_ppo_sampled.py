@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
+from omegaconf.errors import ValidationError
 
 from algorithms.base import PolicyOutput
-from algorithms.ppo_sampled import BASELINES, PPOSampled, group_mean_baseline, leave_one_out_baseline
+from algorithms.ppo_sampled import (
+    Baseline,
+    PPOSampled,
+    PPOSampledConfig,
+    group_mean_baseline,
+    leave_one_out_baseline,
+)
 from backbone.batch import Rollouts
-from backbone.config import PPOSampledConfig
+from backbone.sources import Online
 
 # three prompts of three samples each, interleaved rather than contiguous
 GROUP = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2])
@@ -160,15 +166,16 @@ def test_one_sample_per_prompt_is_a_clear_error(baseline: str):
         make_algo(samples_per_prompt=1, baseline=baseline)
 
 
-def test_constructor_takes_exactly_the_config_fields():
-    algo = PPOSampled(**{f.name: f.default for f in fields(PPOSampledConfig) if f.name != "_target_"})
+def test_the_schema_holds_the_defaults_once():
+    algo = PPOSampled()  # every key from the schema
     assert algo.samples_per_prompt == PPOSampledConfig.samples_per_prompt == 4
-    assert algo.baseline == "sampled_mean" and not algo.needs_critic and not algo.offline
+    assert algo.baseline == "sampled_mean" and not algo.needs_critic
+    assert algo.source == Online(4)
     assert algo.whiten_advantages is PPOSampledConfig.whiten_advantages
 
 
 def test_constructor_validates_and_sets_critic_flag():
-    with pytest.raises(ValueError, match="baseline must be one of"):
+    with pytest.raises(ValidationError, match="expected one of"):
         make_algo(baseline="median")
     critic = make_algo(samples_per_prompt=1, baseline="critic")
     assert critic.needs_critic and critic.values_per == "token"
@@ -227,7 +234,7 @@ def test_critic_baselines_read_the_prompt_value_or_the_sequence_value(baseline):
 
 
 @pytest.mark.parametrize("whiten", [False, True])
-@pytest.mark.parametrize("baseline", BASELINES)
+@pytest.mark.parametrize("baseline", list(Baseline.__members__))
 def test_every_baseline_logs_the_raw_advantage_std_of_the_whole_batch(baseline, whiten):
     """One metric for every arm: population std (and mean) of R - b over the batch, before whitening."""
     rollouts = make_rollouts(values=CRITIC_VALUES.get(baseline))

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 import torch
+from omegaconf.errors import ValidationError
 
 from algorithms.base import PolicyOutput
-from algorithms.rrhf import RRHF, best_candidate_sft_loss, length_normalised_logprob, rank_loss
+from algorithms.rrhf import RRHF, RRHFConfig, best_candidate_sft_loss, length_normalised_logprob, rank_loss
 from backbone.batch import Rollouts
-from backbone.config import RRHFConfig
+from backbone.sources import Frozen, Online
 
 T = 5
 # three prompts of four candidates, interleaved; group 0 has a tie for its best reward, group 2 a tie below
@@ -143,19 +142,20 @@ def test_sft_loss_picks_the_best_candidate_per_group_and_ignores_padding():
 # --------------------------------------------------------------------------- algorithm
 
 
-def test_constructor_takes_exactly_the_config_fields():
-    algo = RRHF(**{f.name: f.default for f in fields(RRHFConfig) if f.name != "_target_"})
+def test_the_schema_holds_the_defaults_once():
+    algo = RRHF()  # every key from the schema
     assert algo.samples_per_prompt == RRHFConfig.samples_per_prompt == 4
     assert algo.rank_weight == RRHFConfig.rank_weight and algo.sft_weight == algo.length_penalty == 1.0
-    assert not algo.offline and not algo.needs_critic
+    assert algo.source == Online(4) and not algo.needs_critic
 
 
 def test_constructor_validates_mode_and_samples():
-    assert not make_algo().offline
-    assert make_algo(mode="offline").offline
+    assert make_algo().source == Online(4)
+    assert make_algo(mode="offline").source == Frozen(4)
+    assert make_algo(include_chosen=True).source == Online(4, with_chosen=True)
     assert not make_algo().needs_critic
     assert make_algo(samples_per_prompt=3).samples_per_prompt == 3
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValidationError, match="expected one of"):
         make_algo(mode="batch")
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
         make_algo(samples_per_prompt=1)

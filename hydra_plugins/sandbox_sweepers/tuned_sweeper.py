@@ -318,7 +318,7 @@ def write_tuned_option(
 ) -> Path:
     """``<sweep>/conf/algorithm/tuned_<arm>.yaml``: the picked cell's whole algorithm config."""
     node = OmegaConf.to_container(algorithm, resolve=True, enum_to_str=True)
-    schema = f"{node['name']}_schema"
+    schema = node["name"]  # the registered option it extends
     path = sweep_dir / "conf" / "algorithm" / f"tuned_{arm}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
