@@ -41,8 +41,9 @@ from torch import Tensor
 from backbone import distributed
 from backbone.artifacts import config_hash, get_or_build
 from backbone.batch import Rollouts
-from backbone.models import build_policy_stack, load_tokenizer
+from backbone.models import load_tokenizer
 from backbone.reward import RewardShaper
+from backbone.roles import build_policy_stack
 from backbone.rollout import RolloutCollector, response_mask_upto_eos
 from backbone.stages import StageArtifacts
 from backbone.tasks.base import Task

@@ -16,9 +16,10 @@ from backbone.checkpoint import CheckpointManager
 from backbone.ema import EMA
 from backbone.engine import build_engine, micro_batch_size
 from backbone.kl import build_kl_controller
-from backbone.models import build_policy_stack, load_tokenizer
+from backbone.models import load_tokenizer
 from backbone.ptx import PTXMixer
 from backbone.reward import RewardShaper
+from backbone.roles import build_policy_stack
 from backbone.rollout import RolloutCollector
 from backbone.sources import build_source
 from backbone.stages import StageArtifacts

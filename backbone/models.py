@@ -514,32 +514,3 @@ def load_safetensors(model: nn.Module, folder: Path, skip: tuple[str, ...] = ())
             f"{folder}: the checkpoint does not match the model "
             f"(missing {untied[:5]}, unexpected {unexpected[:5]}); was it written by another config?"
         )
-
-
-def build_policy_stack(
-    sft_path: str | Path,
-    reward_path: str | Path,
-    critic_from: str | Path | None,
-    model_cfg,
-    values_per: str = "token",
-) -> PolicyStack:
-    """Load the four roles from the SFT and reward-model artifacts: full models (``peft=none``), or,
-    when the reward model is a LoRA adapter (``peft=lora_multi_adapter``), one base with adapters.
-
-    ``critic_from`` is where the critic starts (``critic.init``, resolved by ``prepare_stages``): a
-    reward-model artifact, whose body and head it copies, or the SFT model, whose body it takes under
-    a fresh head; None: no critic. ``values_per``: see ``PolicyStack``."""
-    if is_adapter(reward_path):
-        from backbone.lora import build_lora_policy_stack  # backbone.lora builds on this module
-
-        return build_lora_policy_stack(sft_path, reward_path, critic_from, model_cfg, values_per)
-    kwargs = {"dtype": model_cfg.dtype, "trust_remote_code": model_cfg.trust_remote_code}
-    actor = load_causal_lm(sft_path, **kwargs)
-    reference = load_causal_lm(sft_path, **kwargs)
-    reward = ValueModel.from_pretrained(reward_path, **kwargs)
-    critic = None
-    if critic_from is not None and is_value_model(critic_from):
-        critic = ValueModel.from_pretrained(critic_from, **kwargs)
-    elif critic_from is not None:
-        critic = ValueModel.from_causal_lm(critic_from, pooling=reward.pooling, **kwargs)
-    return PolicyStack(actor, reference, reward, critic, model_cfg.gradient_checkpointing, values_per)

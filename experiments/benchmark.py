@@ -88,7 +88,6 @@ from backbone.lora import add_lora
 from backbone.models import (
     PolicyStack,
     ValueModel,
-    build_policy_stack,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
@@ -99,6 +98,7 @@ from backbone.models import (
 )
 from backbone.provenance import environment
 from backbone.rng import apply_seed_scope, seed_everything
+from backbone.roles import build_policy_stack
 from backbone.rollout import RolloutCollector
 from backbone.sources import Frozen, Online
 from backbone.stages import build_base, encode_rows, prepare_stages, sft_loss, sft_train_rows, stage_rows_to

@@ -20,13 +20,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from backbone.export import sequence_classifier
 from backbone.models import (
     ValueModel,
-    build_policy_stack,
     encode_pair,
     last_position,
     load_tokenizer,
     pad_pairs,
     position_ids,
 )
+from backbone.roles import build_policy_stack
 from experiments.export import ROLES, check_exportable, locate, main
 
 # --------------------------------------------------------------------------- one family at a time

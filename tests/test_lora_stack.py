@@ -22,7 +22,6 @@ from backbone.lora import LoraPolicyStack, adapter_parameters, add_lora
 from backbone.models import (
     PolicyStack,
     ValueModel,
-    build_policy_stack,
     build_tiny_causal_lm,
     load_causal_lm,
     load_tokenizer,
@@ -30,6 +29,7 @@ from backbone.models import (
     value_metadata,
 )
 from backbone.reward import RewardShaper
+from backbone.roles import build_policy_stack
 from backbone.rollout import RolloutCollector
 from backbone.tasks.toy_reviews import ToyReviews
 

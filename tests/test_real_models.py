@@ -40,7 +40,6 @@ from backbone.batch import Rollouts
 from backbone.models import (
     PolicyStack,
     ValueModel,
-    build_policy_stack,
     load_causal_lm,
     load_tokenizer,
     max_positions,
@@ -48,6 +47,7 @@ from backbone.models import (
     position_ids,
 )
 from backbone.reward import RewardShaper
+from backbone.roles import build_policy_stack
 from backbone.rollout import RolloutCollector
 from backbone.stages import prepare_stages, stage_rows_to
 
