@@ -4,9 +4,11 @@ A comparison is only as fair as its budgets. Per algorithm (the evaluation runs 
 gives the config its tuning picked (from the sweep's `tuning.json`, written by `hydra/sweeper=tuned`)
 and the knobs picked at the lowest or highest value of their grid (its best may lie beyond),
 the seeds, the gold and proxy gains and the final KL (mean and 95% interval over seeds, t or sign-flip
-as analysis.inference picks and names), and the compute: optimizer steps, tokens trained (forward +
-backward), tokens generated and wall-clock, so an arm that got four times the gradient steps is visible
-next to its result. `tuning_table` shows every arm's grid: each cell's score per tuning seed, the pick.
+as analysis.inference picks and names), the budget each run reached in its unit (samples, or preference
+pairs: arms in different units are compared at equal iterations, not equal data), and the compute:
+optimizer steps, tokens trained (forward + backward), tokens generated and wall-clock, so an arm that got
+four times the gradient steps is visible next to its result. `tuning_table` shows every arm's grid:
+each cell's score per tuning seed, the pick.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.inference import interval
+from analysis.records import BUDGET, units_of
 from analysis.stats import gain
 
 TUNING_FILE = "tuning.json"
 GAINS = (("gold", "eval/gold_mean"), ("proxy", "eval/reward_mean"))
-BUDGET = (
+COMPUTE = (
     ("optimizer steps", "optimizer_steps"),
     ("tokens trained", "tokens_trained"),
     ("tokens generated", "tokens"),
@@ -59,7 +62,7 @@ def arms_table(runs: pd.DataFrame, history: pd.DataFrame, tuning: dict) -> tuple
     ok = of_phase(runs[runs["status"] == "ok"])
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
     headers = ["arm", "config", "grid edge", "seeds", *(f"{name} gain" for name, _ in GAINS), "final KL"]
-    headers += [name for name, _ in BUDGET]
+    headers += ["budget", *(name for name, _ in COMPUTE)]
     rows = []
     for algorithm, arm in ok.groupby("algorithm", sort=True):
         here = [histories[str(r)] for r in arm["run"] if str(r) in histories]
@@ -69,7 +72,9 @@ def arms_table(runs: pd.DataFrame, history: pd.DataFrame, tuning: dict) -> tuple
         row = [algorithm, " ".join(picked) if picked else "as configured", edge, arm["seed"].nunique()]
         row += [interval(gain(h, metric) for h in here) for _, metric in GAINS]
         row.append(interval(arm["final/eval/kl_mean"]) if "final/eval/kl_mean" in arm else "n/a")
-        row += [f"{arm[column].mean():.4g}" if column in arm else "n/a" for _, column in BUDGET]
+        units = "/".join(sorted(set(units_of(arm).values())))
+        row.append(f"{sum(h[BUDGET].max() for h in here) / len(here):.4g} {units}" if here else "n/a")
+        row += [f"{arm[column].mean():.4g}" if column in arm else "n/a" for _, column in COMPUTE]
         rows.append(row)
     return headers, rows
 

@@ -9,9 +9,13 @@ The machinery every catalogue row (analysis.claims) shares:
    contexts must agree, or the verdict is inconclusive. Runs of one knob value and seed that differ in
    nothing else swept (a repeated job, or, where a row compares algorithms, algorithm hyperparameters)
    are averaged (a cell with a censored run is censored), and the note says so.
-2. Equal samples: every run of a group is cut at the smallest number of generated samples any of them
-   reached before any measure is taken ("last-10% mean", "gain" and "samples-to-half-gain" as defined in
-   analysis.stats; a half gain never reached is censored, +inf).
+2. Equal budget: every run of a group is cut at the smallest budget any of them reached (`budget`, the
+   units its updates consumed: analysis.records) before any measure is taken ("last-10% mean", "gain" and
+   "samples-to-half-gain", the budget to half the gain, as defined in analysis.stats; a half gain never
+   reached is censored, +inf). The group's `unit` names the budget's unit; where its runs count
+   budget in different units (samples beside preference pairs), the cut is at equal units consumed,
+   an equal-iteration comparison (at equal rollout.samples_per_iteration), not equal data, and the
+   group's note (hence the verdict's) says so.
 3. Per seed, then across seeds: a rule is written in terms of `Effect`s, numbers computed per seed
    (paired across knob values: only seeds present for every compared value count) whose sign says
    whether that part of the claim holds. Across seeds (analysis.inference) each effect gets one test:
@@ -64,7 +68,16 @@ from analysis.inference import (
     t_pvalue,
     tost_pvalue,
 )
-from analysis.records import knob_columns, row_keys, sort_key, swept_knobs, value_key
+from analysis.records import (
+    BUDGET,
+    knob_columns,
+    row_keys,
+    sort_key,
+    swept_knobs,
+    unit_label,
+    units_of,
+    value_key,
+)
 from analysis.stats import (
     Censored,
     censored_summary,
@@ -274,7 +287,8 @@ class Finding:
 
 @dataclass
 class Group:
-    """The runs of one comparison context: knob value -> seed -> run ids, cut at a common sample count."""
+    """The runs of one comparison context: knob value -> seed -> run ids, cut at a common budget
+    (`budget`, in `unit`: one unit, or `samples; pairs for [dpo]` where the knob values' runs differ)."""
 
     label: str
     cells: dict[Any, dict[int, list[str]]]
@@ -282,6 +296,7 @@ class Group:
     budget: float
     sources: set[str]
     note: str = ""
+    unit: str = "samples"
 
     def values(self) -> list:
         return sorted(self.cells, key=sort_key)
@@ -309,7 +324,7 @@ class Group:
         return per_value, sorted(seeds)
 
     def curves(self, value: Any, metric: str, grid: np.ndarray) -> dict[int, np.ndarray]:
-        """Per seed: the metric interpolated on a samples grid, averaged over the seed's runs of the cell."""
+        """Per seed: the metric interpolated on a budget grid, averaged over the seed's runs of the cell."""
         return {
             seed: np.mean([curve(self.histories[r], metric, grid) for r in run_ids], axis=0)
             for seed, run_ids in self.cells.get(value, {}).items()
@@ -368,10 +383,23 @@ class Study:
             values = tuple(value_key(run[k]) for k in knobs)
             cells[values[0] if len(values) == 1 else values][int(run["seed"])].append(str(run["run"]))
         full = {r: self.histories[r] for r in runs["run"].astype(str)}
-        budget = min(float(h["samples"].max()) for h in full.values())
+        budget = min(float(h[BUDGET].max()) for h in full.values())
+        run_units = units_of(runs)
+        unit = unit_label(
+            {
+                str(value): "/".join(sorted({run_units[r] for ids in by_seed.values() for r in ids}))
+                for value, by_seed in sorted(cells.items(), key=lambda item: sort_key(item[0]))
+            }
+        )
+        mixed = len(set(run_units.values())) > 1
         notes = []
-        if any(float(h["samples"].max()) > budget for h in full.values()):
-            notes.append(f"runs cut at {budget:.0f} samples (equal samples)")
+        if mixed:
+            notes.append(
+                f"budgets in different units ({unit}): runs cut at {budget:.0f} units each, an "
+                "equal-iteration comparison (at equal rollout.samples_per_iteration), not equal data"
+            )
+        elif any(float(h[BUDGET].max()) > budget for h in full.values()):
+            notes.append(f"runs cut at {budget:.0f} {unit} (equal budget)")
         repeated = [ids for by_seed in cells.values() for ids in by_seed.values() if len(ids) > 1]
         if repeated:
             run_ids = runs["run"].astype(str)
@@ -383,10 +411,11 @@ class Study:
         return Group(
             label=", ".join(f"{c}={v}" for c, v in zip(controls, key)),
             cells={v: dict(s) for v, s in cells.items()},
-            histories={r: h[h["samples"] <= budget] for r, h in full.items()},
+            histories={r: h[h[BUDGET] <= budget] for r, h in full.items()},
             budget=budget,
             sources=set(runs["source"].astype(str)),
             note="; ".join(notes),
+            unit=unit,
         )
 
 
@@ -549,7 +578,7 @@ def gain_of(metric: str) -> Callable[[pd.DataFrame], float]:
 
 
 def half_gain_of(metric: str) -> Callable[[pd.DataFrame], float]:
-    """Samples-to-half-gain: +inf (censored) for a run that never gets there."""
+    """Budget to half the gain (`samples_to_half_gain`): +inf (censored) for a run that never gets there."""
     return partial(samples_to_half_gain, metric=metric)
 
 

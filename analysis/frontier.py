@@ -50,8 +50,7 @@ def run_path(history: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """A run's evaluation rows in training order: x = sqrt(max(KL, 0)), y = gold; each [K]."""
     if KL_METRIC not in history.columns or GOLD_METRIC not in history.columns:
         return np.empty(0), np.empty(0)
-    order = "samples" if "samples" in history.columns else "iteration"
-    rows = history.dropna(subset=[KL_METRIC, GOLD_METRIC]).sort_values(order, kind="stable")
+    rows = history.dropna(subset=[KL_METRIC, GOLD_METRIC]).sort_values("iteration", kind="stable")
     x = np.sqrt(np.clip(rows[KL_METRIC].to_numpy(dtype=float), 0.0, None))
     return x, rows[GOLD_METRIC].to_numpy(dtype=float)
 

@@ -6,7 +6,7 @@ through one conversion, `frames_from_records`, from (config dict, summary dict, 
 
 - `runs`: one row per job. `run` (an id unique in the frame: the job folder, or the W&B run id),
   `path`, `source` (the sweep folder or `wandb:ENTITY/PROJECT/GROUP`), `status`, `error`,
-  `algorithm`, `seed`, `group`, `name`; every scalar config knob as a dotted column
+  `algorithm`, `seed`, `group`, `name`, `budget_unit`; every scalar config knob as a dotted column
   (`algorithm.lr`, `kl.coef`, `optim.eps`, ...; a list knob as its JSON text); the summary's scalars
   under their own slash names (`final/eval/reward_mean`, `wall_time_s`, and the nested stage
   metrics lifted to `sft/eval_loss`, `rm/eval_accuracy`, ...). Config knobs are therefore exactly
@@ -16,6 +16,15 @@ through one conversion, `frames_from_records`, from (config dict, summary dict, 
   iterations between its checkpoint and the kill again), the later row, the one the run record kept.
   A stage row (`sft/step`, `rm/step`) is dropped. JSON `null` (a non-finite value) reads as NaN.
   A W&B group's stage runs (job type `sft`, `reward_model`) are no jobs: the loader leaves them out.
+
+The budget axis. Every comparison reads its runs against `budget` (`BUDGET`), the budget units the
+updates have consumed (iteration x rollout.samples_per_iteration), not `samples` (responses generated:
+an offline buffer is generated up front, preference pairs not at all). Its unit is the run's
+`budget_unit` in `runs` (summary.json: `samples`, or `pairs` for an algorithm trained on the task's
+preference pairs). Records written before the trainer logged them have neither: `with_budget` derives
+the column here, once, for every loader (iteration x the config's rollout.samples_per_iteration, the
+trainer's own definition, or `samples` where the config lacks it), and the unit is `samples`, the only
+one there was. `budget_label` names the axis with its unit(s).
 
 Status: `failed` when the job left a `failure.json` (W&B: state failed or crashed); `ok` when its
 summary holds the end-of-run values (`wall_time_s`; or a stages-only run, `iterations=0`);
@@ -32,6 +41,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +50,14 @@ from typing import Any
 import pandas as pd
 
 JOB_FILES = (".hydra/config.yaml", "history.jsonl", "summary.json", "failure.json")
+# the x axis of every comparison: budget units consumed (history), in the run's `budget_unit` (runs)
+BUDGET = "budget"
+BUDGET_UNIT = "budget_unit"
+DEFAULT_UNIT = "samples"  # the unit of every record written before units were recorded
 # RL counters: a W&B history row with nothing besides these (a table's own row) carries no metric
-COUNTERS = ("iteration", "samples", "tokens", "optimizer_steps", "tokens_trained", "time/elapsed_s")
+COUNTERS = ("iteration", BUDGET, "samples", "tokens", "optimizer_steps", "tokens_trained", "time/elapsed_s")
 # config columns that say where or how a job ran, or how often it is measured, not what it trains;
-# they never separate the runs of a comparison (`iterations` is handled by comparing at equal samples)
+# they never separate the runs of a comparison (`iterations` is handled by comparing at equal budget)
 BOOKKEEPING = (
     "seed",
     "iterations",
@@ -56,7 +70,7 @@ BOOKKEEPING = (
     "rollout.eval_every_samples",
     "rollout.eval_samples",
 )
-META_COLUMNS = ("run", "path", "source", "status", "error", "algorithm", "seed", "group", "name")
+META_COLUMNS = ("run", "path", "source", "status", "error", "algorithm", "seed", "group", "name", BUDGET_UNIT)
 BEST_OF_N_COLUMNS = ("run", "artifact", "n", "kl", "sqrt_kl", "gold_mean", "reward_mean")
 
 
@@ -134,13 +148,34 @@ def run_status(config: Mapping[str, Any], summary: Mapping[str, Any], failure: s
     return "incomplete"
 
 
+def with_budget(rows: Iterable[Mapping[str, Any]], config: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """A run's RL rows, each with its `budget`: as logged, or, for a record written before the trainer
+    logged it, iteration x the run config's rollout.samples_per_iteration (what the trainer counts;
+    `samples` would not do for an offline buffer, whose samples jump to the whole budget at iteration
+    1), else `samples` (a record without that knob). The one place the axis of older records is made."""
+    rollout = config.get("rollout")
+    per_iteration = rollout.get("samples_per_iteration") if isinstance(rollout, Mapping) else None
+    if isinstance(per_iteration, bool) or not isinstance(per_iteration, (int, float)):
+        per_iteration = None  # absent, or an interpolation left unresolved
+    for row in rows:
+        row = dict(row)
+        if row.get(BUDGET) is None:
+            if per_iteration is not None:
+                row[BUDGET] = row["iteration"] * per_iteration
+            elif row.get("samples") is not None:
+                row[BUDGET] = row["samples"]
+        yield row
+
+
 def _rl_rows(record: RunRecord) -> Iterator[dict[str, Any]]:
+    rows = []
     for row in record.history:
         if row.get("iteration") is None:
             continue  # SFT / reward-model stage rows
         clean = {k: v for k, v in row.items() if not str(k).startswith("_") and _is_scalar(v)}
         if any(k not in COUNTERS for k in clean):
-            yield {"run": record.run, **clean}
+            rows.append({"run": record.run, **clean})
+    return with_budget(rows, record.config)
 
 
 def frames_from_records(records: Iterable[RunRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -161,6 +196,7 @@ def frames_from_records(records: Iterable[RunRecord]) -> tuple[pd.DataFrame, pd.
             "seed": record.config.get("seed", summary.get("seed")),
             "group": summary.get("group"),
             "name": summary.get("name"),
+            BUDGET_UNIT: summary.get(BUDGET_UNIT) or DEFAULT_UNIT,
         }
         # the config wins over the summary for the knobs both hold (seed, iterations)
         run_rows.append({**summary, **config, **meta})
@@ -267,6 +303,44 @@ def series(runs: pd.DataFrame) -> dict[str, list[str]]:
         )
 
     return {label(values): groups[values] for values in sorted(groups, key=sort_key)}
+
+
+def units_of(runs: pd.DataFrame) -> dict[str, str]:
+    """Run id -> its budget unit (`DEFAULT_UNIT` where the frame or the record has none)."""
+    units = runs[BUDGET_UNIT] if BUDGET_UNIT in runs.columns else pd.Series(None, index=runs.index)
+    return {str(r): str(u) if value_key(u) is not None else DEFAULT_UNIT for r, u in zip(runs["run"], units)}
+
+
+def unit_label(units: Mapping[str, str]) -> str:
+    """The unit(s) of a budget axis from the unit of each of its names (series, knob values): the one
+    unit, or with several the commonest (samples on a tie) and each other one with the names in it,
+    `samples; pairs for [dpo, mode=offline]`. Names whose runs mix units are listed under each."""
+    by_unit: dict[str, list[str]] = {}
+    for name, unit in units.items():
+        for part in unit.split("/"):
+            by_unit.setdefault(part, []).append(name)
+    if len(by_unit) <= 1:
+        return next(iter(by_unit), DEFAULT_UNIT)
+    counts = Counter({unit: len(names) for unit, names in by_unit.items()})
+    first, *others = sorted(counts, key=lambda u: (-counts[u], u != DEFAULT_UNIT, u))
+    return "; ".join([first, *(f"{u} for " + ", ".join(f"[{n}]" for n in by_unit[u]) for u in others)])
+
+
+def series_units(runs: pd.DataFrame) -> dict[str, str]:
+    """Series label (`series`) -> the budget unit of its runs, '/'-joined when they differ."""
+    units = units_of(runs)
+    return {label: "/".join(sorted({units[r] for r in run_ids})) for label, run_ids in series(runs).items()}
+
+
+def mixed_units(runs: pd.DataFrame) -> bool:
+    """True when the runs' budgets are in more than one unit (e.g. samples beside preference pairs)."""
+    return len(set(units_of(runs).values())) > 1
+
+
+def budget_label(runs: pd.DataFrame) -> str:
+    """The budget axis named with its unit(s): `budget (samples)`, or for runs in several units
+    `budget (samples; pairs for [dpo, mode=offline])`."""
+    return f"budget ({unit_label(series_units(runs))})"
 
 
 # --------------------------------------------------------------------------- local records

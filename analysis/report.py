@@ -28,7 +28,17 @@ from analysis.claims import evaluate_all
 from analysis.compare import Verdict
 from analysis.frontier import frontier_figure, gold_at_kl_table
 from analysis.plots import make_figures
-from analysis.records import Records, load_local, load_wandb, series
+from analysis.records import (
+    BUDGET,
+    Records,
+    budget_label,
+    load_local,
+    load_wandb,
+    mixed_units,
+    series,
+    series_units,
+    unit_label,
+)
 from analysis.stats import CI, gain, last_tenth_mean, mean_ci
 
 LAST_TENTH_METRICS = ("eval/reward_mean", "eval/gold_mean", "eval/kl_mean")
@@ -47,11 +57,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
-    """One row per series of ok runs: counts, samples, last-10% means of eval values and reward gain with
-    95% CIs."""
+    """One row per series of ok runs: counts, budget (the largest any of its runs reached; the header
+    names the unit(s)), last-10% means of eval values and reward gain with 95% CIs."""
     histories = {str(r): rows for r, rows in history.groupby("run", sort=False)}
     by_id = runs.set_index(runs["run"].astype(str))
-    headers = ["series", "runs", "seeds", "samples", *(f"last-10% mean {m}" for m in LAST_TENTH_METRICS)]
+    headers = ["series", "runs", "seeds", budget_label(runs)]
+    headers += [f"last-10% mean {m}" for m in LAST_TENTH_METRICS]
     headers += ["gain eval/reward_mean", "wall time (s)"]
     rows = []
     for label, run_ids in series(runs).items():
@@ -63,13 +74,25 @@ def series_table(runs: pd.DataFrame, history: pd.DataFrame) -> str:
                 label,
                 len(run_ids),
                 by_id.loc[run_ids, "seed"].nunique(),
-                f"{max((h['samples'].max() for h in here), default=0):.0f}",
+                f"{max((h[BUDGET].max() for h in here), default=0):.0f}",
                 *late,
                 mean_ci(gain(h, "eval/reward_mean") for h in here),
                 f"{wall.mean():.0f}",
             ]
         )
     return markdown_table(headers, rows)
+
+
+def units_note(runs: pd.DataFrame) -> str:
+    """A warning when the runs count their budgets in different units, else empty."""
+    if not mixed_units(runs):
+        return ""
+    return (
+        f"**Budgets in different units** ({unit_label(series_units(runs))}): each iteration consumes "
+        "rollout.samples_per_iteration units of its run's own kind, so an equal budget between them is "
+        "an equal-iteration comparison, not equal data; the verdicts that compare them say so in their "
+        "notes."
+    )
 
 
 def failures_table(runs: pd.DataFrame) -> str:
@@ -118,7 +141,7 @@ def build_report(records: Records, out: Path) -> Report:
         )
     if tuning:
         sections.append(
-            "## Tuning\n\nScore: the mean gold gain over the sample budget (area under the gold curve), "
+            "## Tuning\n\nScore: the mean gold gain over the budget (area under the gold curve), "
             "per tuning seed.\n\n" + markdown_table(*tuning_table(tuning))
         )
     has_gold = "eval/gold_mean" in ok_history.columns and ok_history["eval/gold_mean"].notna().any()
@@ -129,9 +152,12 @@ def build_report(records: Records, out: Path) -> Report:
             "averaged); best-of-n from the same SFT policy and reward model is the reference (Gao et al. "
             "2022).\n\n" + markdown_table(*gold_at_kl_table(ok, ok_history, records.best_of_n))
         )
+    units = units_note(ok)
     sections.append(
         "## Runs by series\n\nLast-10% mean = mean over each run's last 10% of iterations (final, in the "
-        "run records, is the last evaluation); ± = 95% t interval over seeds.\n\n"
+        "run records, is the last evaluation); ± = 95% t interval over seeds; budget = the units the "
+        "updates consumed (samples generated and trained on, or preference pairs).\n\n"
+        + (units + "\n\n" if units else "")
         + series_table(ok, ok_history)
     )
     if len(ok) < len(runs):
@@ -140,7 +166,7 @@ def build_report(records: Records, out: Path) -> Report:
     verdicts = evaluate_all(records.runs, records.history, records.benchmarks, records.best_of_n)
     sections.append(
         "## Verdicts (shared/ABLATIONS.md)\n\nEach rule is applied per seed, then across seeds, at equal "
-        "samples: an effect is clear when its test (t; the exact sign test where a seed is censored) "
+        "budget: an effect is clear when its test (t; the exact sign test where a seed is censored) "
         "rejects at 0.05 after Holm's correction across the row's effects; equivalence claims use TOST "
         "within the row's margin. An inconclusive verdict's note gives the seeds that 80% power would "
         "need at the observed effect and spread.\n\n" + verdict_table(verdicts)

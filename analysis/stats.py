@@ -1,20 +1,24 @@
 """Per-run measures of a metric's history and their aggregation across seeds.
 
-A run's history is its frame of RL rows (`iteration`, `samples`, metrics), in iteration order; a metric
-is read from the rows that have it (an eval metric is on eval rows only).
+A run's history is its frame of RL rows (`iteration`, `budget`, metrics), in iteration order; a metric
+is read from the rows that have it (an eval metric is on eval rows only). Every measure "in budget" reads
+the `budget` column (analysis.records: the budget units the updates consumed, in the run's unit, samples
+or pairs; records that predate it get it from the loader), never `samples`, the responses generated, which
+an offline buffer spends up front and preference pairs not at all. The `samples_*` names are kept from
+when the two were the same; they measure budget.
 
 - `last_tenth_mean` (the "last-10% mean"; not the run record's `final/`, which is the last evaluation):
   the mean of the metric over the rows whose iteration lies in the last 10% of the run's iterations
   (iteration > 0.9 * last iteration); when none of them has the metric (an eval every 5 iterations in
   a 30-iteration run), the last row that has it.
 - `initial_value`: the value at iteration 0 (the SFT policy's evaluation); `gain` = last-10% mean - initial.
-- `samples_to_level`: the first number of generated samples at which the metric, linearly interpolated
-  between its rows, reaches a level; +inf (censored: never reached within the run's samples) when it
+- `samples_to_level` (budget to a level): the first budget at which the metric, linearly interpolated
+  between its rows, reaches a level; +inf (censored: never reached within the run's budget) when it
   does not. `samples_to_half_gain` is it at initial + gain / 2 (censored when the gain is not positive);
-  `at_level` reads another metric at that sample count, `value_at` a metric at a given one.
+  `at_level` reads another metric at that budget, `value_at` a metric at a given one.
 - `first_value`: the mean over the first 10% of the iterations (the counterpart of `last_tenth_mean`, for
   metrics without an iteration-0 row, such as training ones); `change` = last-10% mean - first.
-- `early_mean`: the mean over the rows within the first fraction of the run's samples.
+- `early_mean`: the mean over the rows within the first fraction of the run's budget.
 - `variation`: the coefficient of variation (sd / mean, ddof=1) of a series over iterations, a
   scale-free spread that rescaling the series leaves unchanged.
 - `step_std`: the standard deviation of the iteration-to-iteration changes of a series (its first
@@ -26,8 +30,8 @@ is read from the rows that have it (an eval metric is on eval rows only).
   A censored value (±inf) has no mean: `mean_ci` refuses it.
 - `censored_summary`: values some of which are censored (+inf: never reached) are summarised by their
   median with the censored ones ranked last, and the counts reached and censored, never by a mean.
-- `interpolate` / `band`: curves of several runs on a common samples grid (NaN outside a run's own
-  range, never extrapolated), and their mean and interval at every grid point.
+- `interpolate` / `band`: curves of several runs on a common budget grid (`budget_grid`; NaN outside a
+  run's own range, never extrapolated), and their mean and interval at every grid point.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as st
+
+from analysis.records import BUDGET
 
 TENTH = 0.1
 
@@ -121,7 +127,11 @@ def censored_summary(values: Iterable[float]) -> Censored:
 
 
 def series(history: pd.DataFrame, metric: str, x: str = "iteration") -> pd.DataFrame:
-    """The rows of `history` that have `metric`, as columns x and y sorted by x."""
+    """The rows of `history` that have `metric`, as columns x and y sorted by x; KeyError when a history
+    with rows lacks the x column (a frame made by hand without `budget`: load records through
+    analysis.records, which gives every history one)."""
+    if x not in history.columns and len(history):
+        raise KeyError(f"the history has no {x!r} column (analysis.records.with_budget makes `budget`)")
     if metric not in history.columns or x not in history.columns:
         return pd.DataFrame({"x": [], "y": []}, dtype=float)
     rows = history[[x, metric]].dropna()
@@ -141,15 +151,15 @@ def interpolate(x: Iterable[float], y: Iterable[float], grid: Iterable[float]) -
     return np.where((grid >= x[0]) & (grid <= x[-1]), values, np.nan)
 
 
-def samples_grid(histories: Iterable[pd.DataFrame], points: int = 101) -> np.ndarray:
-    """`points` evenly spaced sample counts from 0 to the largest count any of `histories` reached."""
-    ends = [h["samples"].max() for h in histories if "samples" in h and h["samples"].notna().any()]
+def budget_grid(histories: Iterable[pd.DataFrame], points: int = 101) -> np.ndarray:
+    """`points` evenly spaced budgets from 0 to the largest budget any of `histories` reached."""
+    ends = [h[BUDGET].max() for h in histories if BUDGET in h and h[BUDGET].notna().any()]
     return np.linspace(0.0, float(max(ends)) if ends else 0.0, points)
 
 
 def curve(history: pd.DataFrame, metric: str, grid: np.ndarray) -> np.ndarray:
-    """A run's metric on the samples grid."""
-    rows = series(history, metric, x="samples")
+    """A run's metric on a budget grid."""
+    rows = series(history, metric, x=BUDGET)
     return interpolate(rows["x"], rows["y"], grid)
 
 
@@ -189,9 +199,10 @@ def change(history: pd.DataFrame, metric: str) -> float:
 
 
 def samples_to_level(history: pd.DataFrame, metric: str, level: float) -> float:
-    """First samples count at which the interpolated metric reaches `level`; +inf (censored) when it
-    never does within the run, NaN when the run lacks the metric or the level is NaN."""
-    rows = series(history, metric, x="samples")
+    """The budget to a level: the first budget at which the metric, interpolated in budget, reaches
+    `level`; +inf (censored) when it never does within the run, NaN when the run lacks the metric or the
+    level is NaN."""
+    rows = series(history, metric, x=BUDGET)
     if rows.empty or math.isnan(level):
         return float("nan")
     x, y = rows["x"].to_numpy(), rows["y"].to_numpy()
@@ -216,23 +227,23 @@ def samples_to_half_gain(history: pd.DataFrame, metric: str) -> float:
     return samples_to_level(history, metric, initial_value(history, metric) + total / 2)
 
 
-def value_at(history: pd.DataFrame, metric: str, samples: float) -> float:
-    """The metric interpolated at a samples count; NaN outside the run's rows."""
-    rows = series(history, metric, x="samples")
-    return float(interpolate(rows["x"], rows["y"], [samples])[0])
+def value_at(history: pd.DataFrame, metric: str, budget: float) -> float:
+    """The metric interpolated at a budget; NaN outside the run's rows."""
+    rows = series(history, metric, x=BUDGET)
+    return float(interpolate(rows["x"], rows["y"], [budget])[0])
 
 
 def at_level(history: pd.DataFrame, metric: str, level: float, other: str) -> float:
-    """`other` where `metric` first reaches `level` (both interpolated in samples); NaN when it never
+    """`other` where `metric` first reaches `level` (both interpolated in budget); NaN when it never
     does."""
-    samples = samples_to_level(history, metric, level)
-    return value_at(history, other, samples) if math.isfinite(samples) else float("nan")
+    budget = samples_to_level(history, metric, level)
+    return value_at(history, other, budget) if math.isfinite(budget) else float("nan")
 
 
 def early_mean(history: pd.DataFrame, metric: str, fraction: float) -> float:
-    """Mean of `metric` over the rows within the first `fraction` of the run's samples."""
-    rows = series(history, metric, x="samples")
-    return float(rows.loc[rows["x"] <= fraction * float(history["samples"].max()), "y"].mean())
+    """Mean of `metric` over the rows within the first `fraction` of the run's budget."""
+    rows = series(history, metric, x=BUDGET)
+    return float(rows.loc[rows["x"] <= fraction * float(history[BUDGET].max()), "y"].mean())
 
 
 def variation(history: pd.DataFrame, metric: str) -> float:

@@ -27,8 +27,10 @@ resumed run repeats them exactly), only the kept rows the server lacks are repla
 A table goes to W&B as a row of its own (the table and the `step` keys), so W&B has one row per
 `log_table` call more than history.jsonl.
 
-Every key is plotted against `samples` (so algorithms with different batch shapes line up at equal
-samples), except stage rows: `sft/*` against `sft/step` and `rm/*` against `rm/step`.
+Every RL key is plotted against `budget`, the budget units the updates have consumed (so algorithms
+with different batch shapes line up at equal budget, and an offline buffer generated up front or
+preference pairs that are never generated line up by what was trained on, not by `samples`
+generated), except stage rows: `sft/*` against `sft/step` and `rm/*` against `rm/step`.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
-STEP_METRICS = ("samples", "sft/step", "rm/step")
+STEP_METRICS = ("budget", "sft/step", "rm/step")
 # counters every RL row carries; defined up front so they are x-axis choices from the first row
-RL_COUNTERS = ("iteration", "tokens", "time/elapsed_s")
+RL_COUNTERS = ("iteration", "samples", "tokens", "time/elapsed_s")
 STAGE_PREFIXES = ("sft/", "rm/")
 
 _ID_CHARS = string.ascii_lowercase + string.digits
@@ -72,7 +74,7 @@ def step_metric_for(key: str) -> str | None:
     for prefix in STAGE_PREFIXES:
         if key.startswith(prefix):
             return f"{prefix}step"
-    return "samples"
+    return "budget"
 
 
 def folder_artifact(folder: Path, type: str) -> wandb.Artifact:
@@ -237,7 +239,7 @@ class Tracker:
     def _define_metrics(self, keys: Iterable[str]) -> None:
         assert self._run is not None
         # exact names, defined as keys first appear, not globs: with define_metric("*", ...) next to
-        # "sft/*", wandb 0.31 also step-synced `samples` into sft/* rows
+        # "sft/*", wandb 0.31 also step-synced the RL step metric into sft/* rows
         for key in keys:
             if key in self._defined:
                 continue
@@ -306,7 +308,7 @@ class Tracker:
 
     def log_table(self, name: str, columns: list[str], rows: list[list], step: dict) -> None:
         """Log a W&B Table under `name` together with the step keys in `step` (e.g. iteration,
-        samples), and append it to tables/<name>.jsonl."""
+        budget), and append it to tables/<name>.jsonl."""
         if not self.enabled:
             return
         rows, step = to_python(rows), to_python(step)

@@ -256,8 +256,10 @@ def test_time_to_reach_is_decided_per_seed_by_its_side():
 
 
 def rrhf_online_sweep(offline_golds: list[float]):
-    """Online rises fast (speed 4) by 0.5 gold; offline linearly by the given gold per seed. The level:
-    half way from the start to the better peak, 0.25 above the start while offline's gold <= 0.5."""
+    """Online rises fast (speed 4) by 0.5 gold; offline linearly by the given gold per seed, its 1280
+    samples generated up front (all of them at iteration 1) while its budget grows by 64 an iteration.
+    The level: half way from the start to the better peak, 0.25 above the start while offline's gold
+    <= 0.5."""
     records = []
     for seed, offline in enumerate(offline_golds):
         records += [
@@ -265,27 +267,32 @@ def rrhf_online_sweep(offline_golds: list[float]):
                 f"on-{seed}", seed, {"algorithm.name": "rrhf", "algorithm.mode": "online"}, speed=4
             ),
             synthetic_run(
-                f"off-{seed}", seed, {"algorithm.name": "rrhf", "algorithm.mode": "offline"}, gold=offline
+                f"off-{seed}",
+                seed,
+                {"algorithm.name": "rrhf", "algorithm.mode": "offline"},
+                gold=offline,
+                generated=lambda it: 1280 if it else 0,
             ),
         ]
     return frames_from_records(records)
 
 
 def test_censored_time_to_a_level_is_never_averaged():
-    """Offline never rises in seed 2: its samples to the level are censored, so the median, not a mean
+    """Offline never rises in seed 2: its budget to the level is censored, so the median, not a mean
     with the budget (or over the seeds that reached), is reported, and the seed counts by its side in a
     sign test."""
     rrhf_online = REGISTRY["rrhf_online"]
     reached = rrhf_online(*rrhf_online_sweep([0.5, 0.5]))
-    slow = reached.numbers["samples to the level [offline]"].mean
-    assert slow == pytest.approx(640)  # linear to 0.5: half way at half the 1280 samples
+    slow = reached.numbers["budget (samples) to the level [offline]"].mean
+    # linear to 0.5: half way at half the 1280 budget, though all 1280 samples were generated at once
+    assert slow == pytest.approx(640)
     verdict = rrhf_online(*rrhf_online_sweep([0.5, 0.5, -0.5]))
-    samples = verdict.numbers["samples to the level [offline]"]
-    assert samples == Censored(median=slow, measured=2, censored=1)
-    assert str(samples) == f"median {slow:.3g} (2 measured, 1 censored)"
-    assert samples.median != pytest.approx((2 * slow + 1280) / 3)  # the budget averaged in
-    fast = verdict.numbers["samples to the level [online]"].mean
-    effect = "samples to the level [offline] - [online]"
+    budget = verdict.numbers["budget (samples) to the level [offline]"]
+    assert budget == Censored(median=slow, measured=2, censored=1)
+    assert str(budget) == f"median {slow:.3g} (2 measured, 1 censored)"
+    assert budget.median != pytest.approx((2 * slow + 1280) / 3)  # the budget averaged in
+    fast = verdict.numbers["budget (samples) to the level [online]"].mean
+    effect = "budget (samples) to the level [offline] - [online]"
     assert verdict.numbers[effect] == Censored(median=slow - fast, measured=2, censored=1)
     # 3 of 3 seeds positive: the two-sided sign test's p is 2 / 8, doubled by Holm (the seconds' part is
     # censored alike), where the reached seeds alone were clear
@@ -297,11 +304,10 @@ def test_censored_time_to_a_level_is_never_averaged():
 
 def test_every_seed_censored_is_clearly_slower():
     verdict = REGISTRY["rrhf_online"](*rrhf_online_sweep([-0.5] * 7))
-    assert verdict.numbers["samples to the level [offline]"] == Censored(math.inf, 0, 7)
-    # 7 of 7 online faster: sign test p = 2 / 128 for samples and for seconds, Holm: 2 x 2 / 128 < 0.05
-    assert verdict.numbers["samples to the level [offline] - [online]: p (sign test, Holm-adjusted)"] == (
-        pytest.approx(4 / 128)
-    )
+    assert verdict.numbers["budget (samples) to the level [offline]"] == Censored(math.inf, 0, 7)
+    # 7 of 7 online faster: sign test p = 2 / 128 for budget and for seconds, Holm: 2 x 2 / 128 < 0.05
+    effect = "budget (samples) to the level [offline] - [online]"
+    assert verdict.numbers[f"{effect}: p (sign test, Holm-adjusted)"] == pytest.approx(4 / 128)
     assert verdict.verdict == "supported"
 
 

@@ -10,6 +10,8 @@ import pytest
 from test_analysis_support import synthetic_run, write_job
 
 from analysis.records import (
+    RunRecord,
+    budget_label,
     flatten_config,
     flatten_summary,
     frames_from_records,
@@ -19,6 +21,7 @@ from analysis.records import (
     row_keys,
     series,
     swept_knobs,
+    unit_label,
 )
 
 
@@ -103,6 +106,48 @@ def test_frames_from_records_without_runs():
     runs, history = frames_from_records([])
     assert runs.empty and {"run", "status", "algorithm", "seed"} <= set(runs.columns)
     assert history.empty and "iteration" in history.columns
+
+
+def test_budget_and_its_unit_are_read_or_derived_for_older_records():
+    """New records carry `budget` and `budget_unit`; older ones get the budget from iteration x
+    rollout.samples_per_iteration (not from `samples`, which an offline buffer spends at iteration 1),
+    or from `samples` without that knob, and the unit `samples`."""
+    up_front = {"generated": lambda it: 1280 if it else 0}
+    new = synthetic_run("new", 0, {"algorithm.name": "rrhf", "algorithm.mode": "offline"}, **up_front)
+    old = synthetic_run(
+        "old", 0, {"algorithm.name": "rrhf", "algorithm.mode": "offline"}, unit=None, **up_front
+    )
+    bare = RunRecord(
+        "bare",
+        "bare",
+        "w",
+        {},
+        {},
+        [{"iteration": i, "samples": 8 * i, "eval/reward_mean": 0.0} for i in range(3)],
+    )
+    runs, history = frames_from_records([new, old, bare])
+    assert "budget" not in old.history[1] and old.history[2]["samples"] == 1280
+    budget = {run: rows["budget"].tolist() for run, rows in history.groupby("run")}
+    assert budget["old"] == budget["new"] == [64 * i for i in range(21)]
+    assert budget["bare"] == [0, 8, 16]
+    assert runs.set_index("run")["budget_unit"].to_dict() == {
+        "new": "samples",
+        "old": "samples",
+        "bare": "samples",
+    }
+
+
+def test_budget_label_names_every_unit():
+    assert unit_label({"ppo_gae": "samples", "rrhf": "samples"}) == "samples"
+    assert unit_label({}) == "samples"
+    mixed = {"ppo_gae": "samples", "rrhf": "samples", "dpo, mode=offline": "pairs"}
+    assert unit_label(mixed) == "samples; pairs for [dpo, mode=offline]"
+    # a tie puts samples first; a series whose runs mix units is listed under each
+    assert unit_label({"dpo": "pairs", "ppo": "samples"}) == "samples; pairs for [dpo]"
+    assert unit_label({"a": "pairs/samples", "b": "samples"}) == "samples; pairs for [a]"
+    runs = pd.DataFrame({"run": ["1", "2"], "algorithm": ["ppo_gae", "dpo"]})  # no unit: samples
+    assert budget_label(runs) == "budget (samples)"
+    assert budget_label(runs.assign(budget_unit=["samples", "pairs"])) == "budget (samples; pairs for [dpo])"
 
 
 def test_swept_knobs_collapse_algorithm_defaults():

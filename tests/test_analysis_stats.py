@@ -13,6 +13,7 @@ from analysis.stats import (
     Censored,
     at_level,
     band,
+    budget_grid,
     censored_summary,
     change,
     curve,
@@ -23,7 +24,6 @@ from analysis.stats import (
     interpolate,
     last_tenth_mean,
     mean_ci,
-    samples_grid,
     samples_to_half_gain,
     samples_to_level,
     step_std,
@@ -32,10 +32,18 @@ from analysis.stats import (
 )
 
 
-def history(values, metric="m", every=1, samples_per_iteration=10):
-    """Rows for iterations 0..len(values)-1 with `metric` on every `every`-th row."""
+def history(values, metric="m", every=1, samples_per_iteration=10, up_front=False):
+    """Rows for iterations 0..len(values)-1 with `metric` on every `every`-th row, `budget` =
+    iteration x samples_per_iteration; `samples` the same, or with `up_front` (an offline buffer) the
+    whole budget from iteration 1 on."""
+    total = (len(values) - 1) * samples_per_iteration
     rows = [
-        {"iteration": i, "samples": i * samples_per_iteration, **({metric: v} if i % every == 0 else {})}
+        {
+            "iteration": i,
+            "budget": i * samples_per_iteration,
+            "samples": (total if i else 0) if up_front else i * samples_per_iteration,
+            **({metric: v} if i % every == 0 else {}),
+        }
         for i, v in enumerate(values)
     ]
     return pd.DataFrame(rows)
@@ -77,13 +85,40 @@ def test_interpolate_inside_range_only():
     assert np.isnan(interpolate([], [], [1.0])).all()
 
 
-def test_curve_on_samples_grid():
-    rows = history([0.0, 1.0, 2.0, 3.0, 4.0], every=2)  # metric at samples 0, 20, 40
-    grid = samples_grid([rows, history([0.0] * 10)], points=10)
+def test_curve_on_budget_grid():
+    rows = history([0.0, 1.0, 2.0, 3.0, 4.0], every=2)  # metric at budget 0, 20, 40
+    grid = budget_grid([rows, history([0.0] * 10)], points=10)
     assert grid[0] == 0 and grid[-1] == 90
     values = curve(rows, "m", grid)
     np.testing.assert_allclose(values[:5], [0.0, 1.0, 2.0, 3.0, 4.0])
     assert np.isnan(values[5:]).all()
+
+
+def test_an_offline_buffer_is_read_on_its_budget_not_its_samples():
+    """Samples generated up front (all 40 at iteration 1) while the budget grows by 10 an iteration: the
+    curve, the budget to a level, values at a budget and early means follow the budget, exactly as for
+    the same run generating as it goes."""
+    values, kl = [1.0, 1.0, 2.0, 5.0, 5.0], [0.0, 1.0, 2.0, 4.0, 8.0]
+    offline = history(values, up_front=True).assign(kl=kl)
+    online = history(values).assign(kl=kl)
+    assert offline["samples"].tolist() == [0, 40, 40, 40, 40]
+    grid = budget_grid([offline])
+    assert grid[-1] == 40
+    np.testing.assert_allclose(curve(offline, "m", grid), curve(online, "m", grid))
+    assert samples_to_level(offline, "m", 4.0) == pytest.approx(20 + 20 / 3)  # on samples: 40
+    assert samples_to_half_gain(offline, "m") == pytest.approx(20 + 10 / 3)
+    assert value_at(offline, "kl", 25.0) == pytest.approx(3.0)
+    assert at_level(offline, "m", 4.0, "kl") == pytest.approx(2 + 2 * 2 / 3)
+    assert early_mean(offline, "m", 0.25) == pytest.approx(1.0)  # iterations 0 and 1 (budget <= 10)
+
+
+def test_a_history_without_a_budget_is_refused_not_read_as_empty():
+    """A frame made by hand without `budget` (the loader gives every history one) raises, rather than
+    reading every budget measure as NaN."""
+    rows = history([1.0, 2.0]).drop(columns="budget")
+    with pytest.raises(KeyError, match="budget"):
+        samples_to_level(rows, "m", 1.5)
+    assert last_tenth_mean(rows, "m") == 2.0  # measures over iterations need no budget
 
 
 def test_last_tenth_mean_is_the_mean_of_the_last_tenth():
@@ -97,25 +132,25 @@ def test_last_tenth_mean_is_the_mean_of_the_last_tenth():
 
 
 def test_gain_and_half_gain():
-    rows = history([1.0, 1.0, 2.0, 5.0, 5.0])  # samples 0..40
+    rows = history([1.0, 1.0, 2.0, 5.0, 5.0])  # budget 0..40
     assert initial_value(rows, "m") == 1.0
     assert gain(rows, "m") == pytest.approx(4.0)  # last 10% of 4 iterations: iteration 4 only
-    # target 3: crossed between samples 20 (2.0) and 30 (5.0), a third of the way
+    # target 3: crossed between budget 20 (2.0) and 30 (5.0), a third of the way
     assert samples_to_half_gain(rows, "m") == pytest.approx(20 + 10 / 3)
-    # a run that never rises never reaches its half gain: censored (+inf), not a number of samples
+    # a run that never rises never reaches its half gain: censored (+inf), not a budget
     assert samples_to_half_gain(history([1.0, 0.5, 0.0]), "m") == math.inf
     assert math.isnan(samples_to_half_gain(history([1.0, 0.5, 0.0]), "other"))
 
 
-def test_levels_and_values_read_on_the_samples_axis():
-    rows = history([1.0, 1.0, 2.0, 5.0, 5.0]).assign(kl=[0.0, 1.0, 2.0, 4.0, 8.0])  # samples 0..40
-    # level 4: between samples 20 (2.0) and 30 (5.0), two thirds of the way
+def test_levels_and_values_read_on_the_budget_axis():
+    rows = history([1.0, 1.0, 2.0, 5.0, 5.0]).assign(kl=[0.0, 1.0, 2.0, 4.0, 8.0])  # budget 0..40
+    # level 4: between budget 20 (2.0) and 30 (5.0), two thirds of the way
     assert samples_to_level(rows, "m", 4.0) == pytest.approx(20 + 20 / 3)
     assert samples_to_level(rows, "m", 0.5) == 0.0  # reached at the start
     assert samples_to_level(rows, "m", 6.0) == math.inf  # never: censored
     assert math.isnan(samples_to_level(rows, "m", math.nan)) and math.isnan(samples_to_level(rows, "x", 1))
     assert value_at(rows, "kl", 25.0) == pytest.approx(3.0) and math.isnan(value_at(rows, "kl", 50.0))
-    # the KL where m first reaches 4: at samples 26.67, two thirds from 2 to 4
+    # the KL where m first reaches 4: at budget 26.67, two thirds from 2 to 4
     assert at_level(rows, "m", 4.0, "kl") == pytest.approx(2 + 2 * 2 / 3)
     assert math.isnan(at_level(rows, "m", 6.0, "kl"))
 
@@ -127,7 +162,7 @@ def test_first_value_change_and_early_mean():
     # a training metric without an iteration-0 row, every 5 iterations from 5: the first one
     training = history(values).assign(m=[np.nan if i % 5 or i == 0 else float(i) for i in values])
     assert first_value(training, "m") == 5.0
-    # samples 0..200: the first 25% are samples <= 50, iterations 0..5
+    # budget 0..200: the first 25% is budget <= 50, iterations 0..5
     assert early_mean(history(values), "m", 0.25) == pytest.approx(2.5)
 
 

@@ -62,11 +62,20 @@ def synthetic_run(
     train: Mapping[str, Callable[[int, float], float]] | None = None,
     evals: Mapping[str, Callable[[int, float], float]] | None = None,
     failure: str | None = None,
+    unit: str | None = "samples",
+    generated: Callable[[int], int] | None = None,
 ) -> RunRecord:
     """One job: eval/reward_mean rises from -2 by `gain` with shape(t, speed), plus a zigzag of
     +-`wiggle` from one eval to the next; eval/kl_mean rises by `kl` linearly, eval/gold_mean from -1 by
     `gold`; `train` and `evals` add (or replace) metrics f(iteration, t) in training and eval rows. A job
-    with a `failure` stops half way without an end-of-run summary."""
+    with a `failure` stops half way without an end-of-run summary.
+
+    Its rows carry `budget` = iteration x samples_per_iteration in `unit` (the summary's `budget_unit`)
+    and `samples` = `generated(iteration)`: by default the budget for samples, none for `pairs`; an
+    offline buffer's is the whole budget from iteration 1. `unit=None`: a record written before the
+    trainer logged budgets, with neither `budget` nor `budget_unit`."""
+    if generated is None:
+        generated = (lambda it: 0) if unit == "pairs" else (lambda it: it * samples_per_iteration)
     knobs = {"algorithm.name": "ppo_gae", **(knobs or {})}
     config = nest(
         {
@@ -82,7 +91,9 @@ def synthetic_run(
     for it in range(last + 1):
         t = it / iterations
         reward = INITIAL_REWARD + gain * shape(t, speed)
-        row: dict[str, Any] = {"iteration": it, "samples": it * samples_per_iteration, "tokens": it * 640}
+        row: dict[str, Any] = {"iteration": it, "samples": generated(it), "tokens": it * 640}
+        if unit is not None:
+            row["budget"] = it * samples_per_iteration
         row["time/elapsed_s"] = 0.1 * it
         if it > 0:
             row.update({"rollout/reward_mean": reward, "train/loss": 0.5})
@@ -96,7 +107,9 @@ def synthetic_run(
         rows.append(row)
     summary: dict[str, Any] = {"group": "synthetic", "name": run, "sft": {"sft/eval_loss": 1.8}}
     if failure is None:
-        summary.update(algorithm=knobs["algorithm.name"], seed=seed, samples=last * samples_per_iteration)
+        summary.update(algorithm=knobs["algorithm.name"], seed=seed, samples=generated(last))
+        if unit is not None:
+            summary.update(budget=last * samples_per_iteration, budget_unit=unit)
         summary.update({"wall_time_s": 12.0, "final/eval/reward_mean": rows[-1]["eval/reward_mean"]})
     return RunRecord(
         run=run, path=run, source="synthetic", config=config, summary=summary, history=rows, failure=failure

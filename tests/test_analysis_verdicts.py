@@ -387,10 +387,10 @@ def rollout_sweep(small: list[float], medium: list[float], large_speed: float):
 def test_rollout_size(medium, large_speed, expected):
     verdict = REGISTRY["rollout_size"](*rollout_sweep(ALTERNATING, medium, large_speed))
     assert verdict.verdict == expected, verdict.note
-    # 5 matched points (the 128 arm's evaluations after the first: samples 256, ..., 1280), t = 0.2, ...,
+    # 5 matched points (the 128 arm's evaluations after the first: budget 256, ..., 1280), t = 0.2, ...,
     # 1; there the 32 arm's gold is -1 + t + o t, o = ALTERNATING[seed]: variance 6/5 mean(o^2) t^2
     t = np.arange(1, 6) / 5
-    assert verdict.numbers["matched sample points"] == 5
+    assert verdict.numbers["matched budget points"] == 5
     variance = np.mean(np.var(np.outer(ALTERNATING, t), axis=0, ddof=1))
     assert verdict.numbers["variance across seeds of eval/gold_mean [32]"].mean == pytest.approx(variance)
     # the level: half way from -1 to the best arm's peak, 0 + the largest positive offset

@@ -19,7 +19,7 @@ import pytest
 import wandb
 from wandb_records import items_of, offline_records, records_of, run_id_of
 
-from backbone.tracking import Tracker
+from backbone.tracking import Tracker, step_metric_for
 
 IDENTITY = dict(
     project="tracking-test",
@@ -60,10 +60,33 @@ def _history_jsonl(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
+# the step keys as the trainer logs them; `samples` jumps as an offline buffer's does (generated up
+# front), `budget` grows by the iteration's units
 ROWS = [
-    {"iteration": 0, "samples": 0, "tokens": 0, "time/elapsed_s": 0.1, "eval/reward_mean": np.float32(0.25)},
-    {"iteration": 1, "samples": 64, "tokens": 2048, "time/elapsed_s": 1.5, "train/loss": float("nan")},
-    {"iteration": 2, "samples": 128, "tokens": 4096, "time/elapsed_s": 2.5, "train/loss": np.float64(0.5)},
+    {
+        "iteration": 0,
+        "budget": 0,
+        "samples": 0,
+        "tokens": 0,
+        "time/elapsed_s": 0.1,
+        "eval/reward_mean": np.float32(0.25),
+    },
+    {
+        "iteration": 1,
+        "budget": 64,
+        "samples": 128,
+        "tokens": 4096,
+        "time/elapsed_s": 1.5,
+        "train/loss": float("nan"),
+    },
+    {
+        "iteration": 2,
+        "budget": 128,
+        "samples": 128,
+        "tokens": 4096,
+        "time/elapsed_s": 2.5,
+        "train/loss": np.float64(0.5),
+    },
 ]
 
 
@@ -87,15 +110,16 @@ def test_offline_run_gets_identity_config_rows_and_step_metrics(tmp_path: Path) 
     assert {k: config[k] for k in CONFIG} == CONFIG
 
     history = [items_of(h.item) for h in records_of(records, "history")]
-    assert [h.get("samples") for h in history[1:]] == [0, 64, 128]
-    assert history[0]["sft/loss"] == 2.0 and "samples" not in history[0]
+    assert [h.get("budget") for h in history[1:]] == [0, 64, 128]
+    assert [h.get("samples") for h in history[1:]] == [0, 128, 128]
+    assert history[0]["sft/loss"] == 2.0 and "budget" not in history[0] and "samples" not in history[0]
     assert history[1]["eval/reward_mean"] == 0.25 and math.isnan(history[2]["train/loss"])
 
+    # RL keys, the other counters included, are plotted against the budget; stage keys against their step
     step_of = {m.name: m.step_metric for m in records_of(records, "metric") if m.name}
-    assert {
-        step_of[k] for k in ("iteration", "tokens", "time/elapsed_s", "train/loss", "eval/reward_mean")
-    } == {"samples"}
-    assert (step_of["sft/loss"], step_of["samples"], step_of["sft/step"]) == ("sft/step", "", "")
+    rl_keys = ("iteration", "samples", "tokens", "time/elapsed_s", "train/loss", "eval/reward_mean")
+    assert {step_of[k] for k in rl_keys} == {"budget"}
+    assert (step_of["sft/loss"], step_of["budget"], step_of["sft/step"]) == ("sft/step", "", "")
     assert records_of(records, "exit")[0].exit_code == 0
 
     # the local record: the same rows in order, NaN as null, readable by pandas
@@ -107,7 +131,14 @@ def test_offline_run_gets_identity_config_rows_and_step_metrics(tmp_path: Path) 
         {**ROWS[2], "train/loss": 0.5},
     ]
     frame = pd.read_json(tmp_path / "history.jsonl", lines=True)
-    assert frame["samples"].tolist()[1:] == [0, 64, 128] and math.isnan(frame["train/loss"][2])
+    assert frame["budget"].tolist()[1:] == [0, 64, 128] and math.isnan(frame["train/loss"][2])
+
+
+def test_step_metric_is_the_budget_for_rl_keys_and_the_stage_step_for_stage_keys() -> None:
+    for key in ("eval/gold_mean", "train/loss", "samples", "iteration", "tokens", "time/elapsed_s"):
+        assert step_metric_for(key) == "budget"
+    assert (step_metric_for("sft/loss"), step_metric_for("rm/eval_accuracy")) == ("sft/step", "rm/step")
+    assert {step_metric_for(k) for k in ("budget", "sft/step", "rm/step")} == {None}
 
 
 def test_summary_is_merged_locally_and_in_wandb(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Source 000: a practitioner's comparison of trlx, DeepSpeed-Chat and ColossalAI-Chat, three algorithms
 on Accelerate + DeepSpeed + PEFT (quotes translated). Its rows, in the catalogue's order.
 
-Each rule is applied per seed at equal samples and combined across seeds as analysis.compare states
+Each rule is applied per seed at equal budget and combined across seeds as analysis.compare states
 (Holm across a row's effects; censored values by their side only); "clearly" below means that.
 """
 
@@ -57,7 +57,7 @@ from analysis.compare import (
 from analysis.records import swept_knobs
 from analysis.stats import at_level, early_mean, mean_value, samples_to_level, value_at, variation
 
-# "early" and "a bit faster": a quarter of the sample budget
+# "early" and "a bit faster": a quarter of the budget
 EARLY = 0.25
 
 
@@ -148,7 +148,7 @@ def three_algorithms(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 )
 def rrhf_fast_but_far(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (RRHF against every other arm of the sweep: the PPOs), per seed. Faster: RRHF's absolute
-    proxy (eval/reward_mean, interpolated in samples) at 25% of the budget minus the highest other
+    proxy (eval/reward_mean, interpolated in budget) at 25% of the budget minus the highest other
     arm's. Further: at the highest proxy every arm reaches (the smallest of the arms' peaks), RRHF's KL
     (eval/kl_mean where its proxy first gets there) minus the largest other arm's. Supported when both
     are clearly positive, contradicted when either is clearly negative. Gold at 25% of the budget is
@@ -159,19 +159,19 @@ def rrhf_fast_but_far(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         if arms is None or "rrhf" not in arms:
             return None
         at_early = EARLY * g.budget
-        early, seeds = g.paired(arms, partial(value_at, metric=REWARD, samples=at_early))
+        early, seeds = g.paired(arms, partial(value_at, metric=REWARD, budget=at_early))
         level = common_level(g, arms, REWARD, share=1.0, of=min)
         kl, _ = g.paired(arms, lambda h, lv: at_level(h, REWARD, lv, KL), level)
         fast = lead("proxy at 25% of the budget", early, seeds, "rrhf")
         far = lead("KL at the proxy every arm reaches", kl, seeds, "rrhf")
         numbers = {
-            "25% of the budget (samples)": at_early,
+            f"25% of the budget ({g.unit})": at_early,
             **means("proxy at 25% of the budget", early, seeds),
             "proxy every arm reaches": summary(level[s] for s in seeds),
             **means("KL at the proxy every arm reaches", kl, seeds),
         }
         if g.has_metric(GOLD):
-            gold, _ = g.paired(arms, partial(value_at, metric=GOLD, samples=at_early))
+            gold, _ = g.paired(arms, partial(value_at, metric=GOLD, budget=at_early))
             numbers.update(means("gold at 25% of the budget", gold, seeds))
         return finding([fast, far], numbers, len(seeds))
 
@@ -380,7 +380,7 @@ def adam_eps(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 )
 def ppo_epochs(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (per algorithm, algorithm.ppo_epochs, at least three values): an inverted U in the last-10%
-    mean of gold (proxy without gold) at equal samples. With e1 the fewest epochs, eN the most and e* the
+    mean of gold (proxy without gold) at equal budget. With e1 the fewest epochs, eN the most and e* the
     middle value with the highest mean, per seed: rise = gold[e*] - gold[e1], fall = gold[e*] - gold[eN]
     and blow-up = KL[eN] - KL[e*] (last-10% means). Supported when the rise is clearly positive and the
     fall or the blow-up is; contradicted when the rise is clearly negative, or the fall and the blow-up
@@ -436,12 +436,12 @@ def seed_spread(curves: Mapping[int, np.ndarray]) -> dict[int, float]:
     ),
 )
 def rollout_size(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
-    """Rule (rollout.samples_per_iteration at equal total samples; small = the smallest value, large = the
-    largest). Matched sample points: K evenly spaced counts up to the budget, K the fewest evaluations
-    (after the first) of any run, so every arm is read at the same counts (the evaluations themselves
+    """Rule (rollout.samples_per_iteration at equal total budget; small = the smallest value, large = the
+    largest). Matched budget points: K evenly spaced budgets up to the group's, K the fewest evaluations
+    (after the first) of any run, so every arm is read at the same budgets (the evaluations themselves
     when they are spaced in samples). Unstable: per seed, its share of the arm's variance across seeds of
     gold (proxy without gold) at those points (`seed_spread`); effect: small's minus the largest
-    other's. Slow: per seed, the samples to reach one absolute gold level, half way from the SFT policy
+    other's. Slow: per seed, the budget to reach one absolute gold level, half way from the SFT policy
     to the best arm's peak (+inf, censored, for an arm that never reaches it); effect: large's minus the
     largest other's. Supported when both are clearly positive, contradicted when either is clearly
     negative."""
@@ -460,15 +460,15 @@ def rollout_size(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         curves = {v: g.curves(v, metric, grid) for v in values}
         spread = {v: seed_spread(curves[v]) for v in values}
         level = common_level(g, values, metric, share=0.5, of=max)
-        samples, seeds = g.paired(values, lambda h, lv: samples_to_level(h, metric, lv), level)
+        budget, seeds = g.paired(values, lambda h, lv: samples_to_level(h, metric, lv), level)
         seeds = sorted(set(seeds).intersection(*spread.values()))
         unstable = lead(f"variance across seeds of {metric}", spread, seeds, small)
-        slow = lead(f"samples to the {metric} level", samples, seeds, large)
+        slow = lead(f"budget ({g.unit}) to the {metric} level", budget, seeds, large)
         numbers = {
-            "matched sample points": points,
+            "matched budget points": points,
             **means(f"variance across seeds of {metric}", spread, seeds),
             f"{metric} level": summary(level[s] for s in seeds),
-            **means(f"samples to the {metric} level", samples, seeds),
+            **means(f"budget ({g.unit}) to the {metric} level", budget, seeds),
         }
         return finding([unstable, slow], numbers, len(seeds))
 
@@ -546,8 +546,8 @@ def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (ppo_gae, the reward the last-token reward model in every arm; critic.init: `reward_last`, the
     last-token reward model, against every other start, e.g. a mean-pooled reward model or SFT): per
     seed, against the best other start, the gold gain (proxy without gold; highest: positive), the
-    samples to half that gain (earliest: positive; censored when a run never rises) and the mean
-    train/explained_variance over the first 25% of the samples (higher: positive). Supported when the
+    budget to half that gain (earliest: positive; censored when a run never rises) and the mean
+    train/explained_variance over the first 25% of the budget (higher: positive). Supported when the
     gain or the speed is clearly ahead and the explained variance is; contradicted when both gain and
     speed are clearly behind, or the explained variance is."""
 
@@ -560,11 +560,11 @@ def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
         half, _ = g.paired(values, half_gain_of(metric))
         fit, _ = g.paired(values, partial(early_mean, metric=EXPLAINED_VARIANCE, fraction=EARLY))
         highest = lead(f"gain {metric}", gains, seeds, LAST_TOKEN_RM)
-        earliest = lead(f"samples to half gain {metric}", half, seeds, LAST_TOKEN_RM, smallest=True)
+        earliest = lead(f"budget ({g.unit}) to half gain {metric}", half, seeds, LAST_TOKEN_RM, smallest=True)
         explains = lead("early explained variance", fit, seeds, LAST_TOKEN_RM)
         numbers = {
             **means(f"gain {metric}", gains, seeds),
-            **means(f"samples to half gain {metric}", half, seeds),
+            **means(f"budget ({g.unit}) to half gain {metric}", half, seeds),
             **means("early explained variance", fit, seeds),
         }
 
@@ -586,8 +586,8 @@ def rm_pooling(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
 
 def time_to_level(history: pd.DataFrame, metric: str, level: float) -> float:
     """Wall-clock seconds (time/elapsed_s) where `metric` first reaches `level`; +inf when it never does."""
-    samples = samples_to_level(history, metric, level)
-    return value_at(history, ELAPSED, samples) if math.isfinite(samples) else samples
+    budget = samples_to_level(history, metric, level)
+    return value_at(history, ELAPSED, budget) if math.isfinite(budget) else budget
 
 
 @claim(
@@ -603,9 +603,11 @@ def time_to_level(history: pd.DataFrame, metric: str, level: float) -> float:
 )
 def rrhf_online(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
     """Rule (rrhf, algorithm.mode online vs offline): one absolute gold level (proxy without gold) per
-    seed, half way from the SFT policy to the better mode's peak; per seed, the samples and the
-    wall-clock (time/elapsed_s, evaluations included: both modes evaluate at the same sample counts) to
-    reach it, offline minus online (+inf, censored, for a run that never reaches it). Supported when
+    seed, half way from the SFT policy to the better mode's peak; per seed, the budget (samples the
+    updates trained on: offline's buffer is generated up front, so its generated samples would put every
+    level at the whole budget) and the wall-clock (time/elapsed_s, evaluations and offline's up-front
+    generation included: both modes evaluate at the same budgets) to reach it, offline minus online
+    (+inf, censored, for a run that never reaches it). Supported when
     both are clearly positive, contradicted when either is clearly negative."""
 
     def rule(g: Group) -> Finding | None:
@@ -614,17 +616,17 @@ def rrhf_online(runs: pd.DataFrame, history: pd.DataFrame) -> Verdict:
             return None
         metric = gold_first(g)
         level = common_level(g, modes, metric, share=0.5, of=max)
-        samples, seeds = g.paired(modes, lambda h, lv: samples_to_level(h, metric, lv), level)
+        budget, seeds = g.paired(modes, lambda h, lv: samples_to_level(h, metric, lv), level)
         clock, _ = g.paired(modes, lambda h, lv: time_to_level(h, metric, lv), level)
 
         def later(m: dict) -> float:
             return m["offline"] - m["online"]
 
-        fewer = seed_effect("samples to the level [offline] - [online]", samples, seeds, later)
+        fewer = seed_effect(f"budget ({g.unit}) to the level [offline] - [online]", budget, seeds, later)
         sooner = seed_effect("seconds to the level [offline] - [online]", clock, seeds, later)
         numbers = {
             f"{metric} level": summary(level[s] for s in seeds),
-            **means("samples to the level", samples, seeds),
+            **means(f"budget ({g.unit}) to the level", budget, seeds),
             **means("seconds to the level", clock, seeds),
         }
         return beside(finding([fewer, sooner], numbers, len(seeds)), g, modes, metric)
