@@ -247,8 +247,9 @@ class RewardModelConfig:
 
 @dataclass
 class RolloutConfig:
-    # responses generated per iteration, the same for every algorithm so that equal iterations
-    # are equal sample budgets; prompts per iteration = samples_per_iteration / samples_per_prompt
+    # budget units per iteration, the same for every algorithm so that equal iterations are equal
+    # budgets: responses generated (prompts per iteration = samples_per_iteration / samples_per_prompt),
+    # or preference pairs for a source that trains on the task's pairs (backbone/sources.py)
     samples_per_iteration: int = 64
     max_new_tokens: int = 24
     min_new_tokens: int = 0
