@@ -12,11 +12,12 @@ term of the loss, estimated per token by k3 on the current policy's own log-prob
     rho_{i,t} = pi(o_{i,t}) / pi_old(o_{i,t})
     k3_{i,t}  = exp(ref - logp) - (ref - logp) - 1       logp = log pi(o_{i,t}), ref = log pi_ref(o_{i,t})
     l_{i,t}   = -min(rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps_clip, 1 + eps_clip) A_i) + beta * k3_{i,t}
-    L         = (1 / n) sum_i (1 / |o_i|) sum_t l_{i,t}
+    L         = (1 / n) sum_i (1 / |o_i|) sum_t l_{i,t}           over the group, then over the prompts
 
-TRL's conventions, checked in huggingface/trl trl/trainer/grpo_trainer.py (and the first GRPO commit,
-0f5ffad2): the std is torch's unbiased one, eps 1e-4 outside the square root, k3 as written above,
-epsilon (our ``cliprange``) 0.2, num_iterations (our ``ppo_epochs``) 1.
+TRL's conventions, read in huggingface/trl trl/trainer/grpo_trainer.py @ 000bb3db (v1.10.0.dev0,
+f2cd5771, keeps them): the std is torch's unbiased one, eps 1e-4 outside the square root, k3 as
+written above, the three aggregations below (``token`` is TRL's bnpo), epsilon (our ``cliprange``)
+0.2, num_iterations (our ``ppo_epochs``) 1.
 
 ``scale_rewards``: ``group`` divides by std_g + eps as above; ``none`` keeps A_i = r_i - mean_g r (Dr.
 GRPO: dividing by the std weighs the prompts whose samples score alike, too easy or too hard, up).
@@ -47,8 +48,8 @@ predecessors moved, and the clip bounds how far.
 
 How it differs from ppo_sampled (baseline=sampled_mean, the same group mean):
     - the advantage is divided by the group's std (scale_rewards=group), each prompt's to unit scale;
-    - the KL is not in the reward: ppo_sampled charges beta * sum_t kl_{i,t} in R_i, a constant to the
-      gradient that reaches the policy through A_i; GRPO differentiates beta * k3 per token in the loss;
+    - the KL is not in the reward: ppo_sampled charges beta * sum_t kl_{i,t} in R_i, which reaches the
+      policy only through A_i (a score-function gradient); GRPO differentiates beta * k3 per token;
     - the aggregation is a choice (ppo_sampled: the mean over all tokens, ``token``);
     - one epoch by default (TRL's num_iterations), not four.
 """
@@ -102,8 +103,9 @@ class GRPOConfig(AlgorithmConfig):
     lr: float = 3e-4
     # TRL's num_iterations
     ppo_epochs: int = 1
-    # TRL's num_generations is 8; 4 gives 16 prompts per iteration at rollout.samples_per_iteration=64
-    samples_per_prompt: int = 4
+    # TRL's num_generations: 8 prompts per iteration at rollout.samples_per_iteration=64 (4 learns as
+    # fast on toy_reviews, with a wider spread over seeds)
+    samples_per_prompt: int = 8
     # group: A = (r - mean_g) / (std_g + 1e-4); none: A = r - mean_g (Dr. GRPO)
     scale_rewards: ScaleRewards = ScaleRewards.group
     # TRL's epsilon

@@ -51,7 +51,9 @@ class RLOOConfig(AlgorithmConfig):
 
     _target_: str = "algorithms.rloo.RLOO"
     name: str = "rloo"
-    lr: float = 1e-4
+    # ppo_sampled's; on toy_reviews 1e-4 barely moves in 30 iterations and 1e-3 over-optimises (gold
+    # falls on one seed of three)
+    lr: float = 3e-4
     # on-policy: one pass per batch
     ppo_epochs: int = 1
     # k; the paper uses 2 and 4, TRL's rloo_k is 2
