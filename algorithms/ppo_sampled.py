@@ -50,7 +50,13 @@ CRITIC_BASELINES = ("critic", "critic_coati")
 CRITIC_KEYS = ("cliprange_value", "vf_coef")
 
 
-def _group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def sequence_reward(rollouts: Rollouts) -> Tensor:
+    """R_i = r_i - beta * sum_t kl_{i,t}, over i's valid response tokens only. [B]"""
+    mask = rollouts.response_mask.to(rollouts.kl.dtype)  # [B, T]
+    return rollouts.rewards - rollouts.kl_coef * masked_sum(rollouts.kl, mask, dim=1)
+
+
+def group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-group sums and sizes of ``x`` [B]: (sums [G], counts [G], each row's group 0..G-1 [B])."""
     _, index, counts = torch.unique(group, return_inverse=True, return_counts=True)
     sums = x.new_zeros(len(counts)).index_add_(0, index, x)
@@ -59,16 +65,27 @@ def _group_sums(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def group_mean_baseline(rewards: Tensor, group: Tensor) -> Tensor:
     """b_i = (1 / n_g) sum_{j in g(i)} R_j, the mean reward of i's group, i included. [B] -> [B]"""
-    sums, counts, index = _group_sums(rewards, group)
+    sums, counts, index = group_sums(rewards, group)
     return (sums / counts)[index]
 
 
 def leave_one_out_baseline(rewards: Tensor, group: Tensor) -> Tensor:
     """b_i = (sum_{j in g(i)} R_j - R_i) / (n_g - 1), the mean of the others in i's group. [B] -> [B]"""
-    sums, counts, index = _group_sums(rewards, group)
+    sums, counts, index = group_sums(rewards, group)
     if counts.min() < 2:
         raise ValueError("leave_one_out_baseline needs at least 2 samples in every group")
     return (sums[index] - rewards) / (counts[index] - 1)
+
+
+def batch_advantages(advantages: Tensor, whiten: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """One advantage per response [B], whitened over the batch when ``whiten``, and the raw advantages'
+    mean and std over the batch (whitening would set the std to 1); both global over data-parallel ranks."""
+    every = torch.ones_like(advantages)
+    mean, var = global_masked_mean_var(advantages, every)
+    stats = {"advantage_mean": mean, "advantage_std": var.sqrt()}
+    if whiten:
+        advantages = masked_whiten(advantages, every, moments=(mean, var))
+    return advantages, stats
 
 
 @dataclass
@@ -123,22 +140,14 @@ class PPOSampled(Algorithm):
         return values if self.values_per == "sequence" else values[:, 0]
 
     def prepare(self, rollouts: Rollouts) -> Batch:
-        mask = rollouts.response_mask.to(rollouts.kl.dtype)  # [B, T]
-        # R_i = r_i - beta * sum_t kl_{i,t}, over valid response tokens only
-        seq_rewards = rollouts.rewards - rollouts.kl_coef * masked_sum(rollouts.kl, mask, dim=1)  # [B]
+        seq_rewards = sequence_reward(rollouts)  # [B]
         if self.needs_critic:
             baselines = self.critic_value(rollouts.values)  # [B]
         elif self.baseline == "sampled_mean":
             baselines = group_mean_baseline(seq_rewards, rollouts.group)  # [B]
         else:
             baselines = leave_one_out_baseline(seq_rewards, rollouts.group)  # [B]
-        advantages = seq_rewards - baselines  # [B]
-        # one advantage per response; statistics and whitening global over data-parallel ranks
-        every = torch.ones_like(advantages)
-        mean, var = global_masked_mean_var(advantages, every)
-        stats = {"advantage_mean": mean, "advantage_std": var.sqrt()}  # raw: whitening would set std 1
-        if self.whiten_advantages:
-            advantages = masked_whiten(advantages, every, moments=(mean, var))
+        advantages, stats = batch_advantages(seq_rewards - baselines, self.whiten_advantages)  # [B]
         tensors = {"advantages": advantages, "seq_rewards": seq_rewards, "baselines": baselines}
         return Batch(rollouts, tensors, stats)
 

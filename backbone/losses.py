@@ -1,12 +1,15 @@
-"""The clipped PPO losses (Schulman et al. 2017) over response tokens, shared by both PPO variants.
+"""The clipped PPO losses (Schulman et al. 2017) over response tokens, shared by both PPO variants and GRPO.
 
-Each returns the scalar loss (a masked mean over valid tokens, so padding never counts) and
-its statistics as 0-d tensors, which the trainer reads once per update (a read per statistic
-would stall a GPU step on each device-to-host copy). Statistics are local to the minibatch: no
-collective call here, since ranks may see different numbers of minibatches.
+Each returns the scalar loss (a masked mean over valid tokens, or the policy loss's own aggregation
+of them, so padding never counts) and its statistics as 0-d tensors, which the trainer reads once
+per update (a read per statistic would stall a GPU step on each device-to-host copy). Statistics
+are local to the minibatch: no collective call here, since ranks may see different numbers of
+minibatches.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,18 +18,25 @@ from backbone.ops import masked_mean
 
 
 def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+    aggregate: Callable[[Tensor, Tensor], Tensor] = masked_mean,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_pg = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - c, 1 + c)),  rho_t = pi(a_t) / pi_old(a_t).
 
-    All tensors [B, T]; ``mask`` is 1 on valid response tokens.
+    All tensors [B, T]; ``mask`` is 1 on valid response tokens. ``aggregate(per_token, mask)`` reduces
+    the per-token terms to the loss: by default the mean over all valid tokens (GRPO offers others);
+    the statistics are means over valid tokens whatever it is.
     """
     mask = mask.to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs) * mask  # [B, T]; 0 on pads, whose garbage could overflow exp
     ratio = torch.exp(log_ratio)  # [B, T]
     pg_unclipped = -advantages * ratio  # [B, T]
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # [B, T]
-    loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
+    loss = aggregate(torch.max(pg_unclipped, pg_clipped), mask)
     with torch.no_grad():
         stats = {
             "policy_loss": loss.detach(),
