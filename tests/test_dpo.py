@@ -255,7 +255,7 @@ def test_rollouts_without_labels_are_refused():
 
 def test_the_schema_holds_the_defaults_once_and_the_mode_picks_the_source():
     algo = DPO()  # every key from the schema
-    assert algo.beta == DPOConfig.beta == 0.1 and algo.label_smoothing == 0.0
+    assert algo.beta == DPOConfig.beta == 0.3 and algo.label_smoothing == 0.0
     assert algo.mode == "offline" and algo.source == Preferences() and algo.source.unit == "pairs"
     online = DPO(mode="online")
     assert online.source == Online(2, label_pairs=True) and online.source.unit == "samples"
