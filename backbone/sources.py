@@ -222,7 +222,10 @@ class PreferencePairs(DataSource):
         pairs = self.stream.take(self.groups)[distributed.rank() :: distributed.world_size()]
         prompts = [pair["prompt"] for pair in pairs for _ in range(2)]
         responses = [response for pair in pairs for response in (pair["chosen"], pair["rejected"])]
-        rollouts = self.collector.collect_given(prompts, responses, kl_coef, self.with_values)
+        # the data's responses are not the policy's: they stay out of the running reward statistics
+        rollouts = self.collector.collect_given(
+            prompts, responses, kl_coef, self.with_values, update_stats=False
+        )
         rollouts.chosen = torch.arange(len(rollouts), device=rollouts.group.device) % 2 == 0
         return rollouts
 

@@ -64,9 +64,12 @@ def sequence_kl(rollouts: Rollouts) -> torch.Tensor:
 
 
 def rollout_metrics(rollouts: Rollouts, prefix: str) -> dict[str, float]:
-    """The shared metrics of the policy's own samples (responses taken from data are left out)."""
+    """The shared metrics of the policy's own samples (responses taken from data are left out); none
+    for a batch without any (given preference pairs)."""
     if rollouts.sampled is not None:
         rollouts = rollouts.select(torch.nonzero(rollouts.sampled).flatten())
+    if len(rollouts) == 0:
+        return {}
     kl = sequence_kl(rollouts)
     shaping_kl = rollouts.kl.sum(dim=1)  # the configured estimator, summed per response
     row = {
