@@ -107,9 +107,12 @@ class RewardShaper:
         return coef * self.reward_std if units == "reward_std" else coef
 
     @torch.no_grad()
-    def __call__(self, scores: Tensor, ended_with_eos: Tensor, update: bool = True) -> Tensor:
+    def __call__(
+        self, scores: Tensor, ended_with_eos: Tensor, update: bool = True, sampled: Tensor | None = None
+    ) -> Tensor:
         """Shaped rewards, [B]; ``update=False`` (evaluation) reads the running statistics without
-        adding to them."""
+        adding to them, and only the ``sampled`` rows [B] (None: all) join them: responses taken from
+        data are not the policy's."""
         rewards = scores.detach().float()  # [B]
         if self.missing_eos_penalty is not None:
             rewards = rewards - self.missing_eos_penalty * (~ended_with_eos.bool()).float()
@@ -119,8 +122,8 @@ class RewardShaper:
             # the batch joins the statistics before it is normalised, so the first batch is scaled by
             # its own mean/std rather than by empty statistics; a std of 0 (one score so far, or all
             # equal) leaves the centred rewards, all 0, as they are
-            if update:
-                self.running.update(rewards)
+            if update and (sampled is None or bool(sampled.any())):
+                self.running.update(rewards if sampled is None else rewards[sampled])
             rewards = (rewards - self.running.mean) / max(self.running.std, 1e-8)
         if self.clip is not None:
             rewards = rewards.clamp(-self.clip, self.clip)

@@ -277,7 +277,7 @@ class RolloutCollector:
                 rollouts.values = self.stack.critic_values(rollouts)  # [B, T], or [B] per sequence
         with self.timer.phase("reward_forward"):
             rollouts.scores = self.stack.score(rollouts)  # [B]
-        rollouts.rewards = self.shaper(rollouts.scores, ended, update=update_stats)  # [B]
+        rollouts.rewards = self.shaper(rollouts.scores, ended, update_stats, rollouts.sampled)  # [B]
         rollouts.responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         if self.task.has_gold:
             with self.timer.phase("gold"):

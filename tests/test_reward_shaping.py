@@ -98,6 +98,17 @@ def test_running_normalises_with_stats_including_the_batch():
     assert first.std().item() == pytest.approx(1.0, rel=1e-5)
 
 
+def test_only_the_policys_samples_join_the_running_statistics():
+    """Responses taken from data (RRHF's chosen ones, preference pairs) are normalised, not counted."""
+    shaper, ended = RewardShaper("running", None, None), torch.ones(4, dtype=torch.bool)
+    scores, sampled = torch.tensor([1.0, 2.0, 3.0, 50.0]), torch.tensor([True, True, True, False])
+    got = shaper(scores, ended, sampled=sampled)
+    assert shaper.running.count == 3 and shaper.running.mean == pytest.approx(2.0)
+    assert got.tolist() == pytest.approx([-1.0, 0.0, 1.0, 48.0])  # (x - 2) / 1
+    shaper(scores, ended, sampled=torch.zeros(4, dtype=torch.bool))  # nothing sampled: nothing joins
+    assert shaper.running.count == 3
+
+
 def test_running_state_dict_round_trip():
     shaper = RewardShaper("running", None, None)
     shaper(BATCHES[0], torch.ones(3, dtype=torch.bool))
