@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from backbone.batch import PolicyOutput
 from backbone.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,3 +93,20 @@ def assert_checkpointed_loss_pass_matches(plain, checkpointed, rollouts) -> None
     for name in grads_p:
         torch.testing.assert_close(grads_c[name], grads_p[name], msg=lambda m, name=name: f"{name}: {m}")
     assert not any(m.training for role in (checkpointed.actor, checkpointed.critic) for m in role.modules())
+
+
+class FakePolicy:
+    """A policy whose forward returns fixed leaf tensors (log-probs, and values when it has a critic), so
+    an algorithm's loss can be checked and its gradients read off them; it records whether each call
+    asked for values, and refuses to be asked for values it does not have."""
+
+    def __init__(self, logprobs: torch.Tensor, values: torch.Tensor | None = None):
+        self.logprobs = logprobs.clone().requires_grad_(True)
+        self.entropy = torch.rand_like(logprobs)
+        self.values = None if values is None else values.clone().requires_grad_(True)
+        self.asked_values: list[bool] = []
+
+    def forward(self, rollouts, values: bool = False):
+        assert not values or self.values is not None, "values asked of a policy without a critic"
+        self.asked_values.append(values)
+        return PolicyOutput(self.logprobs, self.entropy, self.values if values else None)

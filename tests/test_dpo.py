@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config, read_history, read_summary, run_entry
+from conftest import FakePolicy, compose_config, read_history, read_summary, run_entry
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 from test_rollout import ARCH, rollout_cfg
-from test_rrhf import FakePolicy
 from test_run import SMALL
 
 from algorithms.dpo import DPO, DPOConfig, check_pairs, pair_rows

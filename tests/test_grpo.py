@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import FakePolicy, compose_config
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from algorithms.base import PolicyOutput
 from algorithms.grpo import EPS, GRPO, GRPOConfig, group_std
 from backbone.batch import Rollouts
 from backbone.sources import Online
@@ -58,18 +57,6 @@ def moved_logprobs(rollouts: Rollouts, spread: float = 0.6) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     logprobs = rollouts.logprobs + spread * torch.randn(rollouts.logprobs.shape, generator=g)
     return torch.where(rollouts.response_mask.bool(), logprobs, torch.full_like(logprobs, 50.0))
-
-
-class FakePolicy:
-    """Returns fixed leaf tensors, so gradients of the loss can be read off them."""
-
-    def __init__(self, logprobs: torch.Tensor):
-        self.logprobs = logprobs.clone().requires_grad_(True)
-        self.entropy = torch.rand_like(logprobs)
-
-    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        assert not values
-        return PolicyOutput(self.logprobs, self.entropy)
 
 
 # --------------------------------------------------------------------------- references (loops)

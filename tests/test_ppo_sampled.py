@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import FakePolicy
 from omegaconf.errors import ValidationError
 
-from algorithms.base import PolicyOutput
 from algorithms.ppo_sampled import (
     Baseline,
     PPOSampled,
@@ -52,20 +52,6 @@ def make_rollouts(
 
 def make_algo(**kwargs) -> PPOSampled:
     return PPOSampled(name="ppo_sampled", lr=1e-4, ppo_epochs=1, minibatch_size=8, **kwargs)
-
-
-class FakePolicy:
-    """Returns fixed leaf tensors, so gradients of the loss can be read off them."""
-
-    def __init__(self, logprobs: torch.Tensor, values: torch.Tensor | None = None):
-        self.logprobs = logprobs.clone().requires_grad_(True)
-        self.entropy = torch.rand_like(logprobs)
-        self.values = None if values is None else values.clone().requires_grad_(True)
-        self.asked_values: list[bool] = []
-
-    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        self.asked_values.append(values)
-        return PolicyOutput(self.logprobs, self.entropy, self.values if values else None)
 
 
 # --------------------------------------------------------------------------- references (loops)

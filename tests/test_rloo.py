@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import FakePolicy, compose_config
 from hydra.utils import instantiate
 
-from algorithms.base import PolicyOutput
 from algorithms.rloo import RLOO, RLOOConfig, reinforce_loss
 from backbone.batch import Rollouts
 from backbone.sources import Online
@@ -46,18 +45,6 @@ def make_rollouts(group: torch.Tensor = GROUP, kl_coef: float = 0.1) -> Rollouts
 
 def make_algo(**kwargs) -> RLOO:
     return RLOO(name="rloo", lr=1e-4, minibatch_size=8, **kwargs)
-
-
-class FakePolicy:
-    """Returns fixed leaf tensors, so gradients of the loss can be read off them."""
-
-    def __init__(self, logprobs: torch.Tensor):
-        self.logprobs = logprobs.clone().requires_grad_(True)
-        self.entropy = torch.rand_like(logprobs)
-
-    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        assert not values
-        return PolicyOutput(self.logprobs, self.entropy)
 
 
 def moved_logprobs(rollouts: Rollouts) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FakePolicy
 from omegaconf.errors import ValidationError
 
-from algorithms.base import PolicyOutput
 from algorithms.rrhf import RRHF, RRHFConfig, best_candidate_sft_loss, length_normalised_logprob, rank_loss
 from backbone.batch import Rollouts
 from backbone.sources import Frozen, Online
@@ -47,18 +47,6 @@ def make_rollouts(group: torch.Tensor = GROUP, rewards: torch.Tensor = REWARDS) 
 
 def make_algo(**kwargs) -> RRHF:
     return RRHF(name="rrhf", lr=1e-5, ppo_epochs=1, minibatch_size=8, **kwargs)
-
-
-class FakePolicy:
-    """Returns fixed leaf tensors, so gradients of the loss can be read off them."""
-
-    def __init__(self, logprobs: torch.Tensor):
-        self.logprobs = logprobs.clone().requires_grad_(True)
-        self.entropy = torch.rand_like(logprobs)
-
-    def forward(self, rollouts: Rollouts, values: bool = False) -> PolicyOutput:
-        assert not values
-        return PolicyOutput(self.logprobs, self.entropy)
 
 
 # --------------------------------------------------------------------------- references (loops)
