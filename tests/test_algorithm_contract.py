@@ -31,6 +31,21 @@ COMMON_EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/gold_mean", "eval/
 SMALL = ["rollout.samples_per_iteration=16", "rollout.eval_samples=2", "task.n_eval_prompts=8"]
 
 
+def disabled_tracker(run_dir, name: str) -> Tracker:
+    """The run record in ``run_dir`` (history.jsonl, summary.json), no W&B."""
+    return Tracker(
+        run_dir,
+        mode="disabled",
+        project="p",
+        entity=None,
+        group="g",
+        job_type=name,
+        name=name,
+        tags=[],
+        config={},
+    )
+
+
 @pytest.fixture(scope="module")
 def parts(artifacts_dir):
     """The default task's SFT and reward-model artifacts (the session cache), per algorithm name."""
@@ -86,17 +101,7 @@ def test_a_short_run_logs_the_common_rows(name, parts, tmp_path):
     cfg, task, algorithm, collector = parts(name)
     # a linear schedule ends at 0 exactly when it was planned for the steps the source's batches pack into
     cfg.iterations, cfg.rollout.eval_every, cfg.optim.scheduler = 2, 2, "linear"
-    tracker = Tracker(
-        tmp_path,
-        mode="disabled",
-        project="p",
-        entity=None,
-        group="g",
-        job_type=name,
-        name=name,
-        tags=[],
-        config={},
-    )
+    tracker = disabled_tracker(tmp_path, name)
     with tracker:
         summary = build_trainer(cfg, task, algorithm, collector, tracker, tmp_path).run()
     rows = read_history(tmp_path)
@@ -145,17 +150,7 @@ def test_the_trainer_runs_an_algorithm_nobody_registered(parts, tmp_path):
     cfg, task, _, collector = parts("ppo_sampled")  # its stack has no critic
     cfg.iterations = 1
     stub = Stub(name="stub", lr=1e-3, ppo_epochs=2, minibatch_size=8)
-    tracker = Tracker(
-        tmp_path,
-        mode="disabled",
-        project="p",
-        entity=None,
-        group="g",
-        job_type="stub",
-        name="stub",
-        tags=[],
-        config={},
-    )
+    tracker = disabled_tracker(tmp_path, "stub")
     with tracker:
         build_trainer(cfg, task, stub, collector, tracker, tmp_path).run()
     last = read_history(tmp_path)[-1]
