@@ -89,7 +89,7 @@ def test_every_job_of_the_grid_composes(experiment):
             assert cfg.seed in seeds
 
 
-def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):
+def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path, artifacts_dir):
     sweep = tmp_path / "sweep"
     run_entry(
         [
@@ -100,7 +100,8 @@ def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):
             "total_samples=16",  # 2 iterations of SMALL's 8 samples, evaluated at each
             "rollout.eval_every_samples=8",
             "logger.mode=disabled",
-            f"paths.artifacts={tmp_path / 'artifacts'}",
+            # each seed's stages from the session's cache (test_run.py's multirun test builds its own)
+            f"paths.artifacts={artifacts_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
@@ -147,7 +148,7 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
 
 
-def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
+def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path, artifacts_dir):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [
@@ -161,7 +162,7 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
             "rollout.min_new_tokens=0,99",  # job 1 fails at start-up (a bad choice fails the whole sweep)
             "iterations=1",
             "logger.mode=disabled",
-            f"paths.artifacts={tmp_path / 'artifacts'}",
+            f"paths.artifacts={artifacts_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
