@@ -1,5 +1,6 @@
 """The ablation catalogue as sweeps: every experiment's grid composes, and one runs into a report."""
 
+import functools
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+@functools.cache  # composed once per experiment (half a second each), read by several helpers
 def sweeper(experiment: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
