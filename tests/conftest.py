@@ -27,6 +27,35 @@ register_configs()
 torch.set_num_threads(1)
 
 
+# pytest-xdist (pyproject.toml: two workers, --dist loadfile) hands out whole files, so a file's
+# module fixtures run once, in the order collected. The files that train for a minute or more go
+# first, longest first, so that no worker is left running one of them alone at the end; the rest
+# keep their order. (A file missing here only balances less well.)
+LONG_FILES_FIRST = (
+    "test_distributed.py",
+    "test_learning.py",
+    "test_run.py",
+    "test_benchmark.py",
+    "test_catalogue.py",
+    "test_resume.py",
+    "test_experiments.py",
+    "test_ema_ptx.py",
+    "test_console_scripts.py",
+    "test_protocol.py",
+    "test_export.py",
+    "test_lora_stack.py",
+    "test_engine.py",
+    "test_sweep_report.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return  # one process: the files in their usual order
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         return compose("config", overrides=overrides or [])
@@ -34,8 +63,17 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 @pytest.fixture(scope="session")
 def artifacts_dir(tmp_path_factory) -> Path:
-    """One SFT / reward-model cache for the whole session: stages are built once per config."""
-    return tmp_path_factory.mktemp("artifacts")
+    """One SFT / reward-model cache for the whole test run: stages are built once per config.
+
+    Under pytest-xdist each worker is a session of its own, so the workers share one folder beside
+    their own temporary folders (the run's, as ``--basetemp`` or ``pytest-N``); the cache's file lock
+    per artifact makes one worker build a stage while another that needs it waits, as concurrent
+    sweep jobs do (backbone/artifacts.py)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp("artifacts")
+    shared = tmp_path_factory.getbasetemp().parent / "artifacts"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 def run_entry(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -46,9 +46,11 @@ def test_an_unknown_row_or_a_bad_override_is_refused_before_anything_runs(tmp_pa
         plan(["adam_eps"], tmp_path, ["no_such_key=1"])
 
 
-def catalogue_command(out: Path, findings: Path) -> list[str]:
-    # 2 iterations of SMALL's 8 samples, evaluated at each, whatever budget a row sets
+def catalogue_command(out: Path, findings: Path, artifacts: Path) -> list[str]:
+    # 2 iterations of SMALL's 8 samples, evaluated at each, whatever budget a row sets; each seed's
+    # stages from the session's cache (a user's paths.artifacts wins over the catalogue's own folder)
     overrides = [*SMALL, "total_samples=16", "rollout.eval_every_samples=8", "logger.mode=disabled"]
+    overrides.append(f"paths.artifacts={artifacts}")
     return [
         sys.executable,
         "-m",
@@ -65,11 +67,11 @@ def catalogue_command(out: Path, findings: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def ran(tmp_path_factory, artifacts_dir) -> tuple[Path, Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("catalogue")
     out, findings = root / "catalogue", root / "FINDINGS.md"
     result = subprocess.run(
-        catalogue_command(out, findings), cwd=root, capture_output=True, text=True, timeout=900
+        catalogue_command(out, findings, artifacts_dir), cwd=root, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out, findings, result
@@ -97,11 +99,15 @@ def test_the_catalogue_runs_each_row_reports_it_and_writes_the_findings(ran):
         assert commit[:10] in table["adam_eps"]
 
 
-def test_a_finished_catalogue_is_not_run_again_and_its_findings_regenerate_identically(ran):
+def test_a_finished_catalogue_is_not_run_again_and_its_findings_regenerate_identically(ran, artifacts_dir):
     out, findings, _ = ran
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/[0-9]*/summary.json")}
     again = subprocess.run(
-        catalogue_command(out, findings), cwd=out.parent, capture_output=True, text=True, timeout=900
+        catalogue_command(out, findings, artifacts_dir),
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("finished before") == len(ROWS)

@@ -1,5 +1,6 @@
 """The ablation catalogue as sweeps: every experiment's grid composes, and one runs into a report."""
 
+import functools
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ from hydra_plugins.sandbox_sweepers.tuned_sweeper import check_grids, grid_cells
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+@functools.cache  # composed once per experiment (half a second each), read by several helpers
 def sweeper(experiment: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
@@ -89,7 +91,7 @@ def test_every_job_of_the_grid_composes(experiment):
             assert cfg.seed in seeds
 
 
-def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):
+def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path, artifacts_dir):
     sweep = tmp_path / "sweep"
     run_entry(
         [
@@ -100,7 +102,8 @@ def test_a_real_experiment_sweep_reads_back_into_a_report(tmp_path):
             "total_samples=16",  # 2 iterations of SMALL's 8 samples, evaluated at each
             "rollout.eval_every_samples=8",
             "logger.mode=disabled",
-            f"paths.artifacts={tmp_path / 'artifacts'}",
+            # each seed's stages from the session's cache (test_run.py's multirun test builds its own)
+            f"paths.artifacts={artifacts_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
@@ -147,7 +150,7 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
 
 
-def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
+def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path, artifacts_dir):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [
@@ -161,7 +164,7 @@ def test_a_failing_job_is_recorded_and_the_others_complete(tmp_path):
             "rollout.min_new_tokens=0,99",  # job 1 fails at start-up (a bad choice fails the whole sweep)
             "iterations=1",
             "logger.mode=disabled",
-            f"paths.artifacts={tmp_path / 'artifacts'}",
+            f"paths.artifacts={artifacts_dir}",
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
