@@ -39,6 +39,8 @@ LONG_FILES_FIRST = (
     "test_catalogue.py",
     "test_resume.py",
     "test_experiments.py",
+    "test_dpo.py",
+    "test_algorithm_contract.py",
     "test_ema_ptx.py",
     "test_console_scripts.py",
     "test_protocol.py",
