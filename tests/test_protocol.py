@@ -205,7 +205,8 @@ def test_report_shows_each_arm_with_its_pick_and_budget_and_leaves_tuning_runs_o
             for job in tuned_sweep.iterdir()
             if (job / "summary.json").exists() and read_summary(job)["algorithm"] == arm
         )
-        assert float(cells[7]) == summary["optimizer_steps"] and float(cells[8]) == summary["tokens_trained"]
+        assert cells[7] == f"{summary['budget']} {summary['budget_unit']}"  # the budget reached, in its unit
+        assert float(cells[8]) == summary["optimizer_steps"] and float(cells[9]) == summary["tokens_trained"]
     grid = text[text.index("## Tuning") : text.index("## Gold at KL")]
     assert sum(line.startswith(("| ppo_gae |", "| rrhf |")) for line in grid.splitlines()) == 6
     # the series table holds the evaluation runs only: one run per arm, no tuning or stage job
