@@ -191,8 +191,6 @@ class Trainer:
         self.config = config  # the run's resolved config, kept in every checkpoint
         self.shuffle = torch.Generator().manual_seed(schedule.seed)
         self.iteration = 0
-        self.samples = 0  # responses generated (not given, not evaluation's)
-        self.tokens = 0
         # the compute an arm spent, beside its budget: optimiser steps taken and the tokens that went
         # through the actor's forward and backward (prompt + response, once per epoch)
         self.optimizer_steps = 0
@@ -217,7 +215,6 @@ class Trainer:
                 self.log_row({**self.first_eval, **self.timer.pop()})
                 with self.timer.phase("rollout"):
                     self.source.start(self.iterations)
-                self.count_generated()
             bar = progress(
                 range(self.iteration + 1, self.iterations + 1),
                 desc=self.algorithm.name,
@@ -235,7 +232,6 @@ class Trainer:
     def train_iteration(self) -> dict[str, float]:
         with self.timer.phase("rollout"):
             rollouts = self.source.next(self.iteration, self.kl_ctl.value)
-        self.count_generated()
         with self.timer.phase("prepare"), torch.no_grad():
             batch = self.algorithm.prepare(rollouts)
         with self.timer.phase("update"):
@@ -306,10 +302,6 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
-
-    def count_generated(self) -> None:
-        """Responses (and their tokens) the source has generated, over all ranks."""
-        self.samples, self.tokens = self.source.samples, self.source.tokens
 
     def update(self, batch: Batch) -> dict[str, float]:
         """E epochs over the batch in minibatches that keep each prompt's samples together; steps
@@ -412,8 +404,8 @@ class Trainer:
         return {
             "iteration": self.iteration,
             "budget": self.budget_consumed(self.iteration),
-            "samples": self.samples,
-            "tokens": self.tokens,
+            "samples": self.source.samples,  # responses generated (not given, not evaluation's)
+            "tokens": self.source.tokens,
             "optimizer_steps": self.optimizer_steps,
             "tokens_trained": self.tokens_trained,
             "time/elapsed_s": time.perf_counter() - self.start_time,
@@ -427,8 +419,8 @@ class Trainer:
         """Everything but the weights that the run needs to continue exactly where it is."""
         return {
             "iteration": self.iteration,
-            "samples": self.samples,
-            "tokens": self.tokens,
+            "samples": self.source.samples,  # responses generated (not given, not evaluation's)
+            "tokens": self.source.tokens,
             "elapsed_s": time.perf_counter() - self.start_time,
             "optimizer_steps": self.optimizer_steps,
             "tokens_trained": self.tokens_trained,
@@ -452,7 +444,7 @@ class Trainer:
         """Continue from a checkpoint: the engine's weights and optimiser, and ``state()``; the next
         iteration is the one after."""
         self.engine.load_checkpoint(checkpoint, self.stack)
-        self.iteration, self.samples, self.tokens = state["iteration"], state["samples"], state["tokens"]
+        self.iteration = state["iteration"]
         self.start_time = time.perf_counter() - state["elapsed_s"]
         self.optimizer_steps, self.tokens_trained = state["optimizer_steps"], state["tokens_trained"]
         self.eval_curve = [(samples, row) for samples, row in state["eval_curve"]]
@@ -475,8 +467,8 @@ class Trainer:
             "iterations": self.iteration,
             "budget": self.budget_consumed(self.iteration),
             "budget_unit": self.source.unit,
-            "samples": self.samples,
-            "tokens": self.tokens,
+            "samples": self.source.samples,  # responses generated (not given, not evaluation's)
+            "tokens": self.source.tokens,
             "optimizer_steps": self.optimizer_steps,
             "tokens_trained": self.tokens_trained,
             "nonfinite_steps": self.nonfinite_steps,
