@@ -80,8 +80,14 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 
 def adamw_with_schedule(param_groups: list[dict], optim_cfg, total_steps: int):
+    # fused: one kernel for every parameter's update instead of a dozen ops per tensor, which at the
+    # tiny model's sizes took a fifth of the update (the same AdamW up to float rounding)
     optimizer = torch.optim.AdamW(
-        param_groups, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+        param_groups,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(optim_cfg.scheduler, optim_cfg.warmup_steps, total_steps)
@@ -116,7 +122,7 @@ class TorchEngine:
         norm (a NaN or inf anywhere in the gradient) skips the step: weights, optimiser moments
         and schedule stay as they were, and None is returned."""
         max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True))  # one pass
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()

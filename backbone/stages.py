@@ -173,7 +173,7 @@ def _optimizer(model: nn.Module, stage: DictConfig, total_steps: int):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": stage.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, fused=True)  # as the RL engine's (engine.py)
     schedule = lr_lambda("cosine", round(stage.warmup_ratio * total_steps), total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# as experiments/__init__.py sets it for a job, before torch loads OpenMP: runs in the test workers'
+# own processes (run_entry) must not spin idle threads on the cores the other worker uses
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import contextlib
+import io
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -79,10 +87,37 @@ def artifacts_dir(tmp_path_factory) -> Path:
 
 
 def run_entry(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m experiments.run ARGS`` as a user types it; fails the test with its stderr."""
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args], cwd=cwd, capture_output=True, text=True, timeout=900
-    )
+    """``python -m experiments.run ARGS`` as a user types it, parsed by the same ``@hydra.main``, but
+    run in this process: the imports (about 10 s of every job) are paid once per test worker. The
+    console scripts, the launchers' workers, the kill and DeepSpeed tests still start real processes.
+    Fails the test with what the run printed to stderr."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    import experiments.run
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # the run sets its own (engine.cpu_threads)
+    GlobalHydra.instance().clear()
+    with (
+        contextlib.chdir(cwd),
+        mock.patch.object(sys, "argv", [experiments.run.__file__, *args]),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            experiments.run.main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+            if not isinstance(exit.code, int | None):
+                print(exit.code, file=sys.stderr)
+        finally:
+            GlobalHydra.instance().clear()
+            torch.set_num_threads(threads)
+            # wandb.init exported its service's address: a process this test starts next would log
+            # through this one's service, and a run of it that gets killed would hold its id there
+            os.environ.pop("WANDB_SERVICE", None)
+    result = subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

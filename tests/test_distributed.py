@@ -52,7 +52,15 @@ def rl_rows(run_dir: Path) -> list[dict]:
     return [keep(row) for row in read_history(run_dir) if "iteration" in row]
 
 
-@pytest.mark.parametrize(("stage", "peft"), [(2, "none"), (3, "none"), (3, "lora_multi_adapter")])
+@pytest.mark.parametrize(
+    ("stage", "peft"),
+    [
+        (2, "none"),
+        # ZeRO-3's partitioning, gathering and synced generation are run by the LoRA case too
+        pytest.param(3, "none", marks=pytest.mark.slow),
+        (3, "lora_multi_adapter"),
+    ],
+)
 def test_two_rank_ppo_keeps_the_ranks_identical_and_resumes_exactly(tmp_path, artifacts_dir, stage, peft):
     run_dir = tmp_path / "run"
     options = [f"engine=deepspeed_zero{stage}", f"peft={peft}"]
