@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import compose_config, read_history
 from hydra.utils import instantiate
+from test_run import SMALL as RUN_SMALL
 
 from algorithms import REGISTRY
 from algorithms.base import Algorithm, AlgorithmConfig
@@ -28,7 +29,14 @@ from backbone.validation import check_run_config
 COMMON_KEYS = {"iteration", "budget", "samples", "tokens", "optimizer_steps", "tokens_trained", "kl/coef"}
 COMMON_TRAIN_KEYS = {"train/loss", "train/grad_norm", "train/nonfinite_steps", "train/lr/actor"}
 COMMON_EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/gold_mean", "eval/greedy/gold_mean"}
-SMALL = ["rollout.samples_per_iteration=16", "rollout.eval_samples=2", "task.n_eval_prompts=8"]
+# the SFT and reward model of test_run's SMALL stage (built once for most files), never the default
+# size's, which test_learning builds and which would keep this file waiting
+SMALL = [
+    *(o for o in RUN_SMALL if o.split("=")[0].split(".")[0] in ("task", "sft", "reward_model")),
+    "rollout.samples_per_iteration=16",
+    "rollout.eval_samples=2",
+    "task.n_eval_prompts=8",
+]
 
 
 def disabled_tracker(run_dir, name: str) -> Tracker:
@@ -48,7 +56,7 @@ def disabled_tracker(run_dir, name: str) -> Tracker:
 
 @pytest.fixture(scope="module")
 def parts(artifacts_dir):
-    """The default task's SFT and reward-model artifacts (the session cache), per algorithm name."""
+    """The SMALL stage's SFT and reward-model artifacts (the session cache), per algorithm name."""
 
     def build(name: str):
         cfg = apply_seed_scope(
