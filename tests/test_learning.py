@@ -45,7 +45,7 @@ def test_a_short_run_raises_reward_and_gold_over_the_sft_policy(
             f"algorithm={algorithm}",
             *overrides,
             f"iterations={iterations}",
-            f"rollout.eval_every={iterations // 3}",
+            f"rollout.eval_every={iterations}",  # the gains compare the last evaluation with the first
             "logger.mode=disabled",
             "frontier.best_of_n=0",  # a learning test: the frontier's reference is tested on its own
             f"paths.artifacts={artifacts_dir}",
@@ -55,7 +55,7 @@ def test_a_short_run_raises_reward_and_gold_over_the_sft_policy(
     )
     summary = read_summary(run_dir)
     evals = [r for r in read_history(run_dir) if "eval/reward_mean" in r]
-    assert [r["iteration"] for r in evals] == [0, iterations // 3, 2 * iterations // 3, iterations]
+    assert [r["iteration"] for r in evals] == [0, iterations]
     assert summary["reward_model"]["rm/eval_accuracy"] > 0.7
     assert summary["gain/eval/reward_mean"] > 0.2, summary
     assert summary["gain/eval/gold_mean"] > 0.2, summary
