@@ -107,9 +107,9 @@ def run_entry(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         try:
             experiments.run.main()
             code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-            if not isinstance(exit.code, int | None):
+        except SystemExit as exit:  # as the interpreter reads it: None is 0, a message is 1
+            code = 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
                 print(exit.code, file=sys.stderr)
         finally:
             GlobalHydra.instance().clear()

@@ -31,8 +31,9 @@ COMMON_TRAIN_KEYS = {"train/loss", "train/grad_norm", "train/nonfinite_steps", "
 COMMON_EVAL_KEYS = {"eval/reward_mean", "eval/kl_mean", "eval/gold_mean", "eval/greedy/gold_mean"}
 # the SFT and reward model of test_run's SMALL stage (built once for most files), never the default
 # size's, which test_learning builds and which would keep this file waiting
+STAGE_KEYS = ("task.n_sft_train", "task.n_pref_train", "sft.", "reward_model.")
 SMALL = [
-    *(o for o in RUN_SMALL if o.split("=")[0].split(".")[0] in ("task", "sft", "reward_model")),
+    *(o for o in RUN_SMALL if o.startswith(STAGE_KEYS)),
     "rollout.samples_per_iteration=16",
     "rollout.eval_samples=2",
     "task.n_eval_prompts=8",
