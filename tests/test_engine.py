@@ -92,12 +92,71 @@ def test_bad_thread_settings_name_the_key(bad):
         cpu_threads(bad)
 
 
-def test_the_entry_points_make_idle_openmp_threads_sleep():
+@pytest.mark.parametrize(
+    ("argv", "ranks", "expected"),
+    [
+        (["run.py", "-m", "seed=0,1"], None, "PASSIVE"),  # a sweep's jobs share the cores
+        (["run.py", "--multirun"], None, "PASSIVE"),
+        (["run.py"], "2", "PASSIVE"),  # one of two ranks on this machine
+        (["run.py", "seed=1"], None, "unset"),  # a job alone: OpenMP's default short spin
+        (["run.py"], "1", "unset"),
+    ],
+)
+def test_processes_that_share_the_cores_make_idle_openmp_threads_sleep(argv, ranks, expected):
     """Set before torch loads (OpenMP reads it once), by importing the entry points' package."""
-    code = "import os, sys; import experiments; import torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = (
+        f"import os, sys; sys.argv = {argv!r}; import experiments; import torch; "
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    )
+    unset = ("OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    if ranks is not None:
+        env["LOCAL_WORLD_SIZE"] = ranks
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
+    assert out.stdout.strip() == expected
+
+
+FAULTS_OF_AN_UPDATE = """
+import resource, sys, torch
+from backbone.engine import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+def step():  # an update's activations: blocks of a few MiB, all freed at its end
+    blocks = [torch.empty(2**20 + 1024 * i).fill_(1.0) for i in range(40)]
+    del blocks
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_the_cpu_allocator_keeps_freed_blocks_so_repeated_steps_do_not_fault_pages_again():
+    """Default glibc maps each ~4 MiB block on its own and trims the freed heap: every step faults
+    its ~160 MiB in again (about 40,000 pages a step); kept, the steps after the first two reuse them."""
+
+    def run(mode):
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_OF_AN_UPDATE, mode], capture_output=True, text=True, check=True
+        )
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    applied, faults = run("keep")
+    assert applied == "True" and faults < 1_000
+    applied, faults = run("plain")
+    assert applied == "None" and faults > 5 * 20_000
+
+
+def test_a_users_wait_policy_is_kept():
+    code = (
+        "import os, sys; sys.argv = ['run.py', '-m']; import experiments; "
+        "print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
 
 
 # --------------------------------------------------------------------------- a user's DeepSpeed JSON
