@@ -83,7 +83,7 @@ from analysis.records import job_folders
 from backbone.batch import Batch, Rollouts
 from backbone.build import build_collector, build_trainer
 from backbone.config import register_configs
-from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
+from backbone.engine import configure_cpu, cpu_threads, resolve_device
 from backbone.lora import add_lora
 from backbone.models import (
     PolicyStack,
@@ -120,7 +120,7 @@ def setup_device(cfg: DictConfig) -> torch.device:
     transformers.utils.logging.disable_progress_bar()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
-    configure_cpu_threads(device, cpu_threads(cfg.engine.cpu_threads))
+    configure_cpu(device, cpu_threads(cfg.engine.cpu_threads))
     return device
 
 

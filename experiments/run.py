@@ -38,7 +38,7 @@ from backbone.best_of_n import write_best_of_n
 from backbone.build import build_collector, build_trainer, count_truncated_prompts
 from backbone.checkpoint import CheckpointManager, config_changes, is_mutable_on_resume, load_state
 from backbone.config import register_configs
-from backbone.engine import configure_cpu_threads, cpu_threads, resolve_device
+from backbone.engine import configure_cpu, cpu_threads, resolve_device
 from backbone.provenance import environment
 from backbone.ptx import pretrain_texts
 from backbone.rng import apply_seed_scope, seed_everything
@@ -208,7 +208,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     cfg, checkpoint, state = resume_point(apply_seed_scope(cfg), run_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
-    configure_cpu_threads(device, cpu_threads(cfg.engine.cpu_threads, parallel_jobs()))
+    configure_cpu(device, cpu_threads(cfg.engine.cpu_threads, parallel_jobs()))
     # settings first (bad hyperparameters fail in the algorithm's constructor), then the data
     check_targets(cfg)
     algorithm = instantiate(cfg.algorithm)
