@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from backbone.batch import PolicyOutput, Rollouts
 from backbone.ops import masked_mean
@@ -160,7 +161,20 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    return with_gradient_checkpointing(model, gradient_checkpointing)
+    return with_gradient_checkpointing(fuse_activations(model), gradient_checkpointing)
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """GPT-2's ``gelu_new`` (tanh GELU written as seven elementwise ops, each a pass over the MLP's
+    [B, T, 4d] activations, forward and backward) becomes torch's one-kernel tanh GELU: the same
+    function up to float rounding, and a fifth less time in a 4x256 model's forward + backward on
+    CPU. Modules are replaced in place; the saved config keeps its name, so the weights load
+    anywhere as before."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+    return model
 
 
 def max_positions(path: str | Path, trust_remote_code: bool = False) -> int | None:
@@ -229,7 +243,7 @@ class ValueModel(nn.Module):
         super().__init__()
         if pooling not in ("last", "mean"):
             raise ValueError(f"reward.pooling={pooling!r}: expected 'last' or 'mean'")
-        self.body = body
+        self.body = fuse_activations(body)
         self.pooling = pooling
         # the width of the last hidden state: the embeddings' (OPT-350m projects its 1024 down to 512)
         hidden = body.get_input_embeddings().embedding_dim

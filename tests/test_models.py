@@ -71,6 +71,30 @@ def test_tiny_model_saves_as_safetensors_and_loads_with_auto_class(tmp_path):
     assert model.config.n_layer == 1 and model.config.n_embd == 16
 
 
+def test_loaded_models_run_gelu_as_one_kernel_and_compute_what_gpt2s_gelu_new_does(tmp_path):
+    """fuse_activations: no gelu_new module is left in a loaded causal LM or value model, and the
+    logits, values and gradients match the model as transformers builds it within float32 rounding."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    tokenizer, fused = tiny(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)  # gelu_new as saved
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    value = ValueModel.from_causal_lm(tmp_path)
+    for model in (fused, value):
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+        assert any(isinstance(m, GELUTanh) for m in model.modules())
+    ids = torch.tensor([tokenizer("the kettle is very good .", add_special_tokens=False)["input_ids"]])
+    # a direct tanh GELU, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), on a spread of inputs
+    x = torch.linspace(-8, 8, 1001)
+    direct = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+    torch.testing.assert_close(GELUTanh()(x), direct, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    fused(ids).logits.sum().backward()
+    plain(ids).logits.sum().backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_encode_pair_truncates_the_prompt_from_the_left(tmp_path):
     tokenizer = train_word_tokenizer(CORPUS)
     prompt_ids, response_ids, truncated = encode_pair(
