@@ -5,9 +5,10 @@ import sys
 
 
 def shares_the_machine(argv: list[str], environ: os._Environ | dict) -> bool:
-    """A sweep (``-m``: its jobs run side by side) or one of several ranks on this machine."""
+    """A sweep (``-m``: its jobs run side by side) or one of several ranks on this machine. While
+    ``python -m experiments.run`` imports this package, ``argv[0]`` is the interpreter's own ``-m``."""
     ranks = int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", 1)))
-    return ranks > 1 or "-m" in argv or "--multirun" in argv
+    return ranks > 1 or "-m" in argv[1:] or "--multirun" in argv[1:]
 
 
 # OpenMP's wait policy is read once, when torch's OpenMP runtime loads, so it is set here, before

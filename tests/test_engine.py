@@ -95,11 +95,13 @@ def test_bad_thread_settings_name_the_key(bad):
 @pytest.mark.parametrize(
     ("argv", "ranks", "expected"),
     [
-        (["run.py", "-m", "seed=0,1"], None, "PASSIVE"),  # a sweep's jobs share the cores
-        (["run.py", "--multirun"], None, "PASSIVE"),
-        (["run.py"], "2", "PASSIVE"),  # one of two ranks on this machine
-        (["run.py", "seed=1"], None, "unset"),  # a job alone: OpenMP's default short spin
-        (["run.py"], "1", "unset"),
+        # sys.argv while `python -m experiments.run ...` imports the package: argv[0] is "-m"
+        (["-m", "-m", "seed=0,1"], None, "PASSIVE"),  # a sweep's jobs share the cores
+        (["-m", "--multirun"], None, "PASSIVE"),
+        (["sandbox-run", "-m", "seed=0,1"], None, "PASSIVE"),  # the console script
+        (["-m"], "2", "PASSIVE"),  # one of two ranks on this machine
+        (["-m", "seed=1"], None, "unset"),  # a job alone: OpenMP's default short spin
+        (["-m", "iteration"], "1", "unset"),
     ],
 )
 def test_processes_that_share_the_cores_make_idle_openmp_threads_sleep(argv, ranks, expected):
