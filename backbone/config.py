@@ -356,8 +356,8 @@ class EngineConfig:
     device: str = "auto"
     # intra-op CPU threads per process: auto (the cores this process may use, shared out between the
     # jobs a parallel launcher runs at once and the ranks on this machine), a number, or 0 (torch's
-    # default). OpenMP threads sleep when idle (experiments/__init__.py), so a busy core slows a
-    # job down instead of stalling it
+    # default). Where processes share the cores (a sweep's jobs, local ranks) OpenMP threads sleep
+    # when idle (experiments/__init__.py), so a busy core slows a job down instead of stalling it
     cpu_threads: Any = "auto"
     # deepspeed only: ZeRO stage 0-3, optimiser state (and, at stage 3, parameters) offloaded to CPU
     zero_stage: int = 0
