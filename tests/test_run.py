@@ -16,7 +16,7 @@ from wandb_records import items_of, offline_records, offline_runs, records_of
 
 from analysis.records import WANDB_STAGE_JOB_TYPES
 from backbone.models import value_metadata
-from experiments.run import STAGE_JOB_TYPES, named_overrides
+from experiments.job import STAGE_JOB_TYPES, named_overrides
 
 # small enough to run in seconds; the stages still train a usable SFT policy and reward model
 SMALL = [
