@@ -165,6 +165,8 @@ def machine(device: torch.device) -> dict:
         "device": str(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # set before torch loads (experiments/__init__.py): passive where processes share the cores
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "load_average_1min_at_end": os.getloadavg()[0],
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -39,6 +40,7 @@ def iteration_report(tmp_path_factory, artifacts_dir) -> dict:
 def test_iteration_reports_every_phase_and_its_lower_bound(iteration_report):
     assert iteration_report["command"] == "iteration"
     assert iteration_report["machine"]["cpu_count"] > 0
+    assert iteration_report["machine"]["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"]  # conftest sets it
     results = {r["algorithm"]: r for r in iteration_report["results"]}
     assert list(results) == ["ppo_gae", "ppo_sampled", "rrhf"]
     for name, result in results.items():
