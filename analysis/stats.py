@@ -78,9 +78,13 @@ def band(matrix: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.n
     array, ignoring NaN."""
     matrix = np.atleast_2d(np.asarray(matrix, dtype=float))
     n = np.sum(~np.isnan(matrix), axis=0)
+    # a column of equal values has that value as its mean and no spread, exactly: summing 5 x 1/9 and
+    # dividing leaves a rounding residue that would print as "0.111 ± 1.4e-17"
+    lowest = np.where(np.isnan(matrix), np.inf, matrix).min(axis=0)
+    constant = lowest == np.where(np.isnan(matrix), -np.inf, matrix).max(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.nansum(matrix, axis=0) / n
-        sd = np.sqrt(np.nansum((matrix - mean) ** 2, axis=0) / (n - 1))
+        mean = np.where(constant, lowest, np.nansum(matrix, axis=0) / n)
+        sd = np.where(constant, 0.0, np.sqrt(np.nansum((matrix - mean) ** 2, axis=0) / (n - 1)))
         half = st.t.ppf((1 + confidence) / 2, n - 1) * sd / np.sqrt(n)
     half = np.where(n >= 2, half, np.nan)
     return np.where(n >= 1, mean, np.nan), half, n

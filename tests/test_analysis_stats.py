@@ -65,6 +65,14 @@ def test_mean_ci_one_value_has_no_interval_and_nan_is_left_out():
     assert mean_ci([]).n == 0 and str(mean_ci([])) == "n/a"
 
 
+def test_mean_ci_of_equal_values_has_no_spread_exactly():
+    ci = mean_ci([1 / 9] * 5)  # a float sum of these divided by 5 is not exactly 1/9
+    assert (ci.mean, ci.half) == (1 / 9, 0.0)
+    assert str(ci) == "0.111 ± 0 (n=5)"
+    mean, half, _ = band(np.array([[0.1, 1.0], [0.1, np.nan], [0.1, 3.0]]))
+    assert (mean[0], half[0]) == (0.1, 0.0) and half[1] > 0
+
+
 def test_band_is_columnwise_mean_ci():
     matrix = np.array([[1.0, 2.0, np.nan], [3.0, 2.0, 5.0], [2.0, 5.0, np.nan]])
     mean, half, n = band(matrix)
