@@ -12,10 +12,10 @@ import pytest
 from test_run import SMALL
 
 from analysis.claims import REGISTRY, catalogue
-from analysis.findings import judge_row, previous_entries, provenance, write_findings
+from analysis.findings import DONE, judge_row, previous_entries, provenance, row_folders, write_findings
 from analysis.records import Records, frames_from_records
 from backbone.provenance import environment, git_commit
-from experiments.catalogue import catalogue_rows, plan
+from experiments.catalogue import catalogue_rows, plan, run_sweep
 
 ROWS = ["adam_eps", "ema"]
 
@@ -37,6 +37,20 @@ def test_rows_that_share_their_runs_share_one_sweep(tmp_path):
     # the catalogue writes each report itself (after a failed sweep too), the sweep's callback does not
     assert all("~hydra.callbacks.sweep_report" in sweep.command for sweep in (tuned, grid))
     assert set(catalogue_rows()) == {c.id for c in catalogue()}
+
+
+def test_a_finished_sweep_asked_for_by_more_rows_answers_them_without_running(tmp_path):
+    """`catalogue three_algorithms`, then `catalogue`: the tuned sweep ran for one row; the second call
+    must not run it again, and the rows that share its runs must reach the findings."""
+    sweep = plan(["three_algorithms", "rrhf_fast_but_far", "bon_frontier"], tmp_path, [])[0]
+    sweep.folder.mkdir()
+    first = {"rows": ["three_algorithms"], "key": sweep.key, "command": [], "returncode": 0, "wall_s": 1.0}
+    (sweep.folder / DONE).write_text(json.dumps(first))
+    sweep.command = [sys.executable, "-c", "raise SystemExit(3)"]  # a run would fail and say so
+    record = run_sweep(sweep)
+    assert record["returncode"] == 0 and record["wall_s"] == 1.0
+    assert json.loads((sweep.folder / DONE).read_text())["rows"] == sweep.rows
+    assert set(row_folders(tmp_path)) == {"three_algorithms", "rrhf_fast_but_far", "bon_frontier"}
 
 
 def test_an_unknown_row_or_a_bad_override_is_refused_before_anything_runs(tmp_path):
