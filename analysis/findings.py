@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.arms import of_phase, read_tuning
 from analysis.claims import Claim, catalogue
 from analysis.compare import Verdict
 from analysis.records import Records, flatten_summary, load_local
@@ -100,7 +101,34 @@ def previous_entries(page: str) -> dict[str, tuple[str, str]]:
     }
 
 
-def row_entry(claim: Claim, sweep: str, verdict: Verdict, where: dict[str, str]) -> tuple[str, str]:
+def tuned_arms(runs: pd.DataFrame) -> str:
+    """What a tuned sweep's verdict rests on: each arm's pick, its tuning score, a knob picked at its
+    grid's edge (the best may lie beyond), and the optimizer steps its evaluation runs took (the
+    protocol compares at equal samples, so an arm with more gradient steps must be visible); "" for a
+    sweep that tuned nothing."""
+    tuning = read_tuning(runs) if "path" in runs else {}
+    if not tuning:
+        return ""
+    steps = of_phase(runs).groupby("algorithm")["optimizer_steps"].mean() if "optimizer_steps" in runs else {}
+    seeds = sorted({seed for arm in tuning.values() for seed in arm["tuning_seeds"]})
+    arms = []
+    for arm, tuned in sorted(tuning.items()):
+        notes = [f"score {tuned['score']:.3g}"]
+        notes += [
+            f"{knob} at its grid's {side} value" for knob, side in sorted(tuned.get("edges", {}).items())
+        ]
+        if arm in steps:
+            notes.append(f"{steps[arm]:.4g} optimizer steps a run")
+        arms.append(f"{arm} `{' '.join(tuned['picked'])}` ({', '.join(notes)})")
+    return (
+        f"Tuned arms (picked on tuning seeds {', '.join(map(str, seeds))} by the tuned sweeper's score, the "
+        f"mean gold gain over the budget): {'; '.join(arms)}."
+    )
+
+
+def row_entry(
+    claim: Claim, sweep: str, verdict: Verdict, where: dict[str, str], tuned: str = ""
+) -> tuple[str, str]:
     """A judged row's table line and section."""
     cells = [claim.id, verdict.verdict, format_numbers(verdict.numbers) or "-", verdict.seeds]
     line = markdown_table([""] * 7, [[*cells, where["date"], where["commit"], where["machine"]]])
@@ -114,6 +142,8 @@ def row_entry(claim: Claim, sweep: str, verdict: Verdict, where: dict[str, str])
         paragraph.append(f"Numbers (n = {verdict.seeds}): {format_numbers(verdict.numbers)}.")
     if verdict.note:
         paragraph.append(f"Note: {verdict.note}")
+    if tuned:
+        paragraph.append(tuned)
     paragraph.append(f"**Limits at this scale.** {claim.limits}")
     return line.splitlines()[-1], "\n\n".join(paragraph)
 
@@ -146,8 +176,10 @@ def write_findings(folder: Path, out: Path, keep: bool = True) -> Path:
         if sweep is None and claim.id in previous:
             entries.append(previous[claim.id])
             continue
-        verdict, where = judge_row(claim, loaded.get(sweep))
-        entries.append(row_entry(claim, sweep.name if sweep else "", verdict, where))
+        records = loaded.get(sweep)
+        verdict, where = judge_row(claim, records)
+        tuned = tuned_arms(records.runs) if records is not None and claim.benchmark is None else ""
+        entries.append(row_entry(claim, sweep.name if sweep else "", verdict, where, tuned))
     out.write_text(render(folder, entries))
     return out
 

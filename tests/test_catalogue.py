@@ -8,11 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_run import SMALL
 
 from analysis.claims import REGISTRY, catalogue
-from analysis.findings import DONE, judge_row, previous_entries, provenance, row_folders, write_findings
+from analysis.findings import (
+    DONE,
+    judge_row,
+    previous_entries,
+    provenance,
+    row_folders,
+    tuned_arms,
+    write_findings,
+)
 from analysis.records import Records, frames_from_records
 from backbone.provenance import environment, git_commit
 from experiments.catalogue import catalogue_rows, plan, run_sweep
@@ -149,13 +158,42 @@ def test_rows_a_folder_did_not_run_keep_their_entries(ran, tmp_path):
     )
 
 
+def test_a_tuned_rows_entry_names_each_arms_pick_its_grid_edge_and_its_optimizer_steps(tmp_path):
+    cell = {"overrides": ["algorithm.lr=0.0001"], "scores": [0.5, 0.3], "mean": 0.4, "jobs": []}
+    arms = {
+        "ppo_gae": {
+            "picked": ["algorithm.lr=0.0003", "algorithm.cliprange=0.1"],
+            "score": 1.686,
+            "edges": {},
+        },
+        "rrhf": {"picked": ["algorithm.lr=0.0001"], "score": 0.43, "edges": {"rank_weight": "lowest"}},
+    }
+    record = {"tuning_seeds": [100, 101], "arms": {a: {**v, "cells": [cell]} for a, v in arms.items()}}
+    (tmp_path / "tuning.json").write_text(json.dumps(record))
+    runs = pd.DataFrame(
+        {
+            "path": [str(tmp_path / str(n)) for n in range(5)],
+            "algorithm": ["ppo_gae", "ppo_gae", "rrhf", "rrhf", "rrhf"],
+            "phase": ["evaluate", "evaluate", "evaluate", "evaluate", "tune"],
+            "optimizer_steps": [960, 960, 240, 240, 7],  # the grid run (tune) is not an evaluation run
+        }
+    )
+    assert tuned_arms(runs) == (
+        "Tuned arms (picked on tuning seeds 100, 101 by the tuned sweeper's score, the mean gold gain over "
+        "the budget): ppo_gae `algorithm.lr=0.0003 algorithm.cliprange=0.1` (score 1.69, 960 optimizer "
+        "steps a run); rrhf `algorithm.lr=0.0001` (score 0.43, rank_weight at its grid's lowest value, 240 "
+        "optimizer steps a run)."
+    )
+    (tmp_path / "tuning.json").unlink()
+    assert tuned_arms(runs) == ""  # a plain sweep tunes nothing
+
+
 def test_provenance_names_the_commit_date_and_machine():
     import torch
 
     env = environment(torch.device("cpu"))
     assert env["cores"] >= 1 and env["cpu"] and env["torch"] == torch.__version__
     assert len(env["date"]) == 10  # ISO date
-    import pandas as pd
 
     runs = pd.DataFrame(
         {
