@@ -58,13 +58,15 @@ def cpu_threads(setting: int | str, parallel_jobs: int = 1) -> int:
     return max(1, cores // (max(1, parallel_jobs) * local_ranks))
 
 
-def configure_cpu(device: torch.device, threads: int) -> None:
+def configure_cpu(device: torch.device, threads: int, keep_freed: bool = True) -> None:
     """On CPU: intra-op threads (``cpu_threads``' number; 0 leaves torch's default), and an
-    allocator that keeps what it frees (``keep_freed_memory``)."""
+    allocator that keeps what it frees (``keep_freed_memory``; not with ``keep_freed=False``, where
+    the resident set must follow the live tensors: the memory benchmark)."""
     if device.type == "cpu":
         if threads > 0:
             torch.set_num_threads(threads)
-        keep_freed_memory()
+        if keep_freed:
+            keep_freed_memory()
 
 
 # glibc's mallopt parameters (malloc.h)

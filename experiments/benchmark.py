@@ -116,11 +116,11 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return apply_seed_scope(compose("config", overrides=overrides))
 
 
-def setup_device(cfg: DictConfig) -> torch.device:
+def setup_device(cfg: DictConfig, keep_freed: bool = True) -> torch.device:
     transformers.utils.logging.disable_progress_bar()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.engine.device)
-    configure_cpu(device, cpu_threads(cfg.engine.cpu_threads))
+    configure_cpu(device, cpu_threads(cfg.engine.cpu_threads), keep_freed)
     return device
 
 
@@ -628,7 +628,9 @@ def measure_memory(sft: str, reward: str | None, cfg_container: dict) -> dict[st
     through an update too; with no ``reward``, of the SFT model alone through one no-grad pass, then
     through one LoRA training step (forward, backward, AdamW: what fine-tuning one model costs)."""
     cfg = OmegaConf.create(cfg_container)
-    device = setup_device(cfg)
+    # glibc's own policy, as MEASURED_ENV sets it: an allocator that keeps freed blocks would hold the
+    # rollout's peak through the update and count it there
+    device = setup_device(cfg, keep_freed=False)
     reset_peak_memory(device)
     before = peak_bytes(device)  # the interpreter and its imports
     if reward is None:

@@ -120,8 +120,10 @@ def test_processes_that_share_the_cores_make_idle_openmp_threads_sleep(argv, ran
 
 FAULTS_OF_AN_UPDATE = """
 import resource, sys, torch
-from backbone.engine import keep_freed_memory
+from backbone.engine import configure_cpu, keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+if sys.argv[1] == "measured":  # how the memory benchmark configures its measured process
+    configure_cpu(torch.device("cpu"), 0, keep_freed=False)
 def step():  # an update's activations: blocks of a few MiB, all freed at its end
     blocks = [torch.empty(2**20 + 1024 * i).fill_(1.0) for i in range(40)]
     del blocks
@@ -147,8 +149,9 @@ def test_the_cpu_allocator_keeps_freed_blocks_so_repeated_steps_do_not_fault_pag
 
     applied, faults = run("keep")
     assert applied == "True" and faults < 1_000
-    applied, faults = run("plain")
-    assert applied == "None" and faults > 5 * 20_000
+    for mode in ("plain", "measured"):  # the memory benchmark's peak must follow the live tensors
+        applied, faults = run(mode)
+        assert applied == "None" and faults > 5 * 20_000
 
 
 def test_a_users_wait_policy_is_kept():
