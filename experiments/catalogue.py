@@ -149,8 +149,10 @@ def run_sweep(sweep: Sweep) -> dict:
         if record["key"] == sweep.key and record["returncode"] == 0:
             # the same runs, asked for by more rows than the last time (`catalogue three_algorithms`, then
             # `catalogue`): those rows are answered too, and the findings must see them
-            record["rows"] += [row for row in sweep.rows if row not in record["rows"]]
-            done.write_text(json.dumps(record, indent=2))
+            added = [row for row in sweep.rows if row not in record["rows"]]
+            if added:
+                record["rows"] += added
+                done.write_text(json.dumps(record, indent=2))
             print(f"{', '.join(sweep.rows)}: finished before, {sweep.folder}")
             return record
     sweep.folder.mkdir(parents=True, exist_ok=True)
