@@ -141,14 +141,22 @@ def test_the_cpu_allocator_keeps_freed_blocks_so_repeated_steps_do_not_fault_pag
     its ~160 MiB in again (about 40,000 pages a step); kept, the steps after the first two reuse them."""
 
     def run(mode):
+        # a fixed mmap threshold, as the memory benchmark's processes start with (MEASURED_ENV): glibc's
+        # default raises it once a mapped block is freed, and whether the heap that then holds the blocks
+        # is trimmed depends on what lies above them (unkept runs faulted only ~1,060 pages now and then)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run(
-            [sys.executable, "-c", FAULTS_OF_AN_UPDATE, mode], capture_output=True, text=True, check=True
+            [sys.executable, "-c", FAULTS_OF_AN_UPDATE, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         applied, faults = out.stdout.split()
         return applied, int(faults)
 
     applied, faults = run("keep")
-    assert applied == "True" and faults < 1_000
+    assert applied == "True" and faults < 10_000  # 0 or about 1,060 (a few lazily touched pages)
     for mode in ("plain", "measured"):  # the memory benchmark's peak must follow the live tensors
         applied, faults = run(mode)
         assert applied == "None" and faults > 5 * 20_000
